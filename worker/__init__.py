@@ -1,0 +1,1 @@
+"""dspy-fleet worker: the Celery app, the job contract and everything that runs DSPy programs."""

@@ -1,0 +1,85 @@
+"""Celery configuration shared by the worker app and the API's publishing client.
+
+Both must agree on serialization and on the Redis visibility timeout (with
+several apps on one broker the shortest timeout wins), so both build their
+Celery app here. Never import dspy here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from worker.contract import QUEUES, TASK_NAME
+from worker.settings import CommonSettings, WorkerSettings
+
+APP_NAME = "dspy_fleet"
+
+
+def celery_config(settings: CommonSettings) -> dict[str, Any]:
+    """The Celery settings dict for a process with these settings."""
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        # Redis restarts must not crash publishers or consumers: retry quietly.
+        "retry_on_timeout": True,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "health_check_interval": 10,
+    }
+    conf: dict[str, Any] = {
+        "broker_url": settings.broker,
+        "result_backend": settings.backend,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": dict(transport),
+        "broker_connection_retry_on_startup": True,
+        # JSON only: pickle would let any producer run code on our workers.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_expires": settings.job_ttl_seconds,
+        "result_extended": True,
+        "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
+        "task_default_queue": "interactive",
+        "task_routes": {TASK_NAME: {"queue": "interactive"}},
+        # A job is acknowledged only after it ran; a worker killed mid-job has
+        # its message redelivered instead of lost.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_soft_time_limit": settings.soft_time_limit,
+        "task_time_limit": settings.time_limit,
+        # Events let Flower and celery-exporter see every task.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        # A broker outage must turn into a quick 503, not a request that hangs.
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        "broker_pool_limit": 32,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }
+    if isinstance(settings, WorkerSettings):
+        conf.update(
+            worker_pool=settings.pool,
+            worker_concurrency=settings.concurrency,
+            # Low prefetch: a slow job must not hold a stack of others hostage.
+            worker_prefetch_multiplier=settings.prefetch_multiplier,
+            # Warm shutdown on SIGTERM: give in-flight LLM calls time to finish.
+            worker_soft_shutdown_timeout=settings.soft_shutdown_timeout,
+            worker_enable_soft_shutdown_on_idle=True,
+            worker_cancel_long_running_tasks_on_connection_loss=False,
+        )
+    return conf
+
+
+def make_celery(settings: CommonSettings, *, include: tuple[str, ...] = ()) -> Celery:
+    """A Celery app named dspy_fleet configured from these settings."""
+    app = Celery(APP_NAME, include=list(include), set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app

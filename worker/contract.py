@@ -1,0 +1,119 @@
+"""The versioned job message contract (v1) shared by the API, the SDK and direct producers.
+
+A job is a Celery message for task ``dspy_fleet.predict`` on queue ``interactive``
+or ``batch`` whose ``kwargs`` are a :class:`JobMessage`; the Celery task id equals
+``job_id``. Producers outside this repository rely on these field names: add
+optional fields only, and bump ``v`` for anything else. Never import dspy here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+CONTRACT_VERSION = 1
+TASK_NAME = "dspy_fleet.predict"
+QUEUES = ("interactive", "batch")
+DEFAULT_TENANT = "anonymous"
+# Namespace for job ids derived from idempotency keys: the same (tenant, request_id)
+# always names the same job, whichever process computes it.
+_JOB_NAMESPACE = uuid.UUID("5b7a4c1e-2f1d-4d8e-9a51-6a3f0f6c2b10")
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\w.:-]+$")]
+FieldName = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z_]\w*$")
+]
+Priority = Literal["interactive", "batch"]
+
+
+class LMParameters(BaseModel):
+    """The allow-list of LM keyword arguments a request may set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(
+        default=None, max_length=4
+    )
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+
+    def effective(self) -> dict[str, Any]:
+        """Only the parameters that were set, for the LM call and the cache key."""
+        return self.model_dump(exclude_none=True)
+
+
+class PredictFields(BaseModel):
+    """What a caller may ask of one prediction (HTTP body and queue message alike)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = Field(
+        default=None, description="Idempotency key: the same key from a tenant is the same job."
+    )
+    program: Name | None = Field(default=None, description="Registered program; default qa.")
+    model: Name | None = Field(default=None, description="Model alias from the config.")
+    input: Annotated[str, StringConstraints(max_length=100_000)] | None = Field(
+        default=None, description="Shorthand for a program with exactly one input field."
+    )
+    inputs: dict[FieldName, Any] | None = Field(
+        default=None, description="The program's input fields by name.", max_length=64
+    )
+    parameters: LMParameters = Field(default_factory=LMParameters)
+    use_cache: bool = True
+    cache_ttl: int | None = Field(default=None, ge=1, le=30 * 86400)
+    variant: Name | None = None
+    priority: Priority = "interactive"
+
+    @model_validator(mode="after")
+    def _exactly_one_input_form(self) -> PredictFields:
+        if (self.input is None) == (self.inputs is None):
+            raise ValueError("give exactly one of 'input' (a string) or 'inputs' (an object)")
+        return self
+
+
+class PredictRequest(PredictFields):
+    """Body of POST /v1/predict."""
+
+    wait: float = Field(default=0, ge=0, le=60, description="Seconds to hold the request.")
+
+
+class JobMessage(PredictFields):
+    """The kwargs of a ``dspy_fleet.predict`` message, version 1."""
+
+    v: Literal[1] = Field(description="Contract version.")
+    job_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    tenant: Name = DEFAULT_TENANT
+    submitted_at: datetime = Field(description="ISO 8601 time the producer accepted the job.")
+
+
+def new_job_id(tenant: str, request_id: str | None) -> str:
+    """A job id: derived from the idempotency key when there is one, random otherwise."""
+    if request_id is None:
+        return str(uuid.uuid4())
+    return str(uuid.uuid5(_JOB_NAMESPACE, f"{tenant}\x00{request_id}"))
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+def build_message(
+    fields: PredictFields, *, tenant: str = DEFAULT_TENANT, job_id: str | None = None
+) -> JobMessage:
+    """The v1 message for a validated request."""
+    data = fields.model_dump(exclude={"wait"}, exclude_none=False)
+    return JobMessage(
+        **data,
+        v=CONTRACT_VERSION,
+        job_id=job_id or new_job_id(tenant, fields.request_id),
+        tenant=tenant,
+        submitted_at=utcnow(),
+    )

@@ -1,0 +1,99 @@
+"""Typed settings of the worker process (env prefix DSPY_FLEET_), parsed once at start-up."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+DEFAULT_CONFIG_FILE = Path(__file__).with_name("default_config.yaml")
+
+
+class CommonSettings(BaseSettings):
+    """Settings both processes read: where Redis is, the config file, limits that must agree."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DSPY_FLEET_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    env: Literal["local", "production"] = "local"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str | None = Field(default=None, description="Defaults to redis_url.")
+    result_backend: str | None = Field(default=None, description="Defaults to redis_url.")
+    config: Path = Field(default=DEFAULT_CONFIG_FILE, description="Models and programs YAML.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    job_ttl_seconds: int = Field(default=7 * 86400, ge=60)
+    # Both processes must agree on the broker's visibility timeout: with several
+    # Celery apps on one Redis the shortest one wins, so it is derived from the
+    # same two numbers everywhere instead of being configured twice.
+    soft_time_limit: float = Field(default=120.0, gt=0)
+    time_limit: float = Field(default=150.0, gt=0)
+
+    @model_validator(mode="after")
+    def _limits_in_order(self) -> CommonSettings:
+        if self.time_limit <= self.soft_time_limit:
+            raise ValueError("time_limit must be greater than soft_time_limit")
+        return self
+
+    @property
+    def broker(self) -> str:
+        """The broker URL actually used."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def backend(self) -> str:
+        """The result backend URL actually used."""
+        return self.result_backend or self.redis_url
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Seconds before Redis redelivers an unacked job: well above the hard time limit."""
+        return int(self.time_limit * 2 + 60)
+
+
+class WorkerSettings(CommonSettings):
+    """Settings of a worker process."""
+
+    pool: Literal["threads", "prefork", "solo", "gevent", "eventlet"] = "threads"
+    # LLM calls are I/O-bound: one process keeps many in flight.
+    concurrency: int = Field(default=64, ge=1, le=1024)
+    queues: str = "interactive,batch"
+    prefetch_multiplier: int = Field(default=1, ge=1)
+    soft_shutdown_timeout: float = Field(default=30.0, ge=0)
+    metrics_port: int = Field(default=9101, ge=0, le=65535)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+
+    @cached_property
+    def queue_list(self) -> list[str]:
+        """The queues this worker consumes, interactive first."""
+        return [q.strip() for q in self.queues.split(",") if q.strip()]
+
+
+def load_settings(cls: type[SettingsT], **overrides: object) -> SettingsT:
+    """Build a settings object, turning pydantic's error into one that names the env var."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, env_prefix="DSPY_FLEET_")) from None
+
+
+def describe_validation_error(exc: ValidationError, *, env_prefix: str = "") -> str:
+    """One line per bad key, naming it the way the user wrote it."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        name = f"{env_prefix}{loc.upper()}" if env_prefix and err["loc"] else loc
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{name}: {err['msg']}{shown}")
+    return "invalid configuration: " + "; ".join(lines)
