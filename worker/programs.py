@@ -1,0 +1,142 @@
+"""The program registry: DSPy programs built from the config file at worker start."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.dspy_env import dspy
+from worker.errors import ConfigError, MessageValidationError, UnknownProgramError
+from worker.fleet_config import FleetConfig, ProgramConfig
+
+
+@dataclass(frozen=True)
+class LoadedProgram:
+    """A ready-to-call DSPy module with what callers need to know about it."""
+
+    name: str
+    module: dspy.Module
+    input_fields: tuple[str, ...]
+    output_fields: tuple[str, ...]
+    # Changes whenever the signature, predictor or saved state changes, so a
+    # cache keyed on it never serves outputs of an older program.
+    version: str
+
+    def bind_inputs(self, text: str | None, inputs: dict[str, Any] | None) -> dict[str, Any]:
+        """Map a request's input/inputs onto this program's input fields, or explain why not."""
+        if text is not None:
+            if len(self.input_fields) != 1:
+                raise MessageValidationError(
+                    f"program {self.name!r} takes {len(self.input_fields)} inputs; "
+                    "send them by name in 'inputs'",
+                    details={"input_fields": list(self.input_fields)},
+                )
+            return {self.input_fields[0]: text}
+        given = dict(inputs or {})
+        missing = [f for f in self.input_fields if f not in given]
+        extra = [f for f in given if f not in self.input_fields]
+        if missing or extra:
+            raise MessageValidationError(
+                f"inputs do not match program {self.name!r}",
+                details={
+                    "missing": missing,
+                    "unexpected": extra,
+                    "input_fields": list(self.input_fields),
+                },
+            )
+        return given
+
+
+def _import(path: str, key: str) -> Any:
+    mod_name, _, attr = path.partition(":")
+    if not attr:
+        mod_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot import {path!r}: {exc}") from None
+
+
+def _build_module(name: str, cfg: ProgramConfig) -> dspy.Module:
+    key = f"programs.{name}"
+    if cfg.module is not None:
+        cls = _import(cfg.module, f"{key}.module")
+        if not (isinstance(cls, type) and issubclass(cls, dspy.Module)):
+            raise ConfigError(f"{key}.module: {cfg.module!r} is not a dspy.Module class")
+        return cls()
+    assert cfg.signature is not None
+    if "->" in cfg.signature:
+        signature: Any = dspy.Signature(cfg.signature)
+    else:
+        signature = _import(cfg.signature, f"{key}.signature")
+        if not (isinstance(signature, type) and issubclass(signature, dspy.Signature)):
+            raise ConfigError(f"{key}.signature: {cfg.signature!r} is not a dspy.Signature")
+    predictor = dspy.ChainOfThought if cfg.predictor == "ChainOfThought" else dspy.Predict
+    return predictor(signature)
+
+
+def _fields(module: dspy.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Inputs of the whole program and outputs of its last predictor."""
+    sig = getattr(module, "signature", None)
+    predictors = module.predictors()
+    if sig is None and predictors:
+        sig = predictors[-1].signature
+    if sig is None:
+        raise ConfigError(f"{type(module).__name__}: cannot find a signature to read fields from")
+    inputs = tuple(predictors[0].signature.input_fields) if predictors else tuple(sig.input_fields)
+    outputs = tuple(f for f in sig.output_fields if f != "reasoning")
+    return inputs, outputs
+
+
+def _version(cfg: ProgramConfig, module: dspy.Module, state: Path | None) -> str:
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            cfg.model_dump(mode="json", exclude={"variants", "description"}), sort_keys=True
+        ).encode()
+    )
+    for predictor in module.predictors():
+        h.update(predictor.signature.signature.encode())
+        h.update(str(predictor.signature.instructions).encode())
+    if state is not None:
+        h.update(state.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_program(name: str, cfg: ProgramConfig, state: Path | None = None) -> LoadedProgram:
+    """Build one program, loading its saved optimized state when configured."""
+    module = _build_module(name, cfg)
+    state = state or cfg.state
+    if state is not None:
+        if not state.is_file():
+            raise ConfigError(f"programs.{name}.state: no such file {state}")
+        try:
+            module.load(str(state))
+        except Exception as exc:  # dspy raises assorted errors on a bad file
+            raise ConfigError(f"programs.{name}.state: cannot load {state}: {exc}") from None
+    inputs, outputs = _fields(module)
+    return LoadedProgram(name, module, inputs, outputs, _version(cfg, module, state))
+
+
+class ProgramRegistry:
+    """All configured programs, built once per worker process."""
+
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        self._programs = {name: load_program(name, cfg) for name, cfg in config.programs.items()}
+
+    def get(self, name: str) -> LoadedProgram:
+        """A program by name; UnknownProgramError names the ones that exist."""
+        try:
+            return self._programs[name]
+        except KeyError:
+            raise UnknownProgramError(
+                f"unknown program {name!r}", details={"programs": sorted(self._programs)}
+            ) from None
+
+    def __iter__(self):  # noqa: D105
+        return iter(self._programs.values())
