@@ -1,0 +1,47 @@
+"""dspy-fleet HTTP API: a thin Flask front end that validates and enqueues prediction jobs.
+
+It never imports dspy or litellm: it talks to workers only through Celery
+messages by task name and reads job state from Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flask import Flask
+
+from worker.logs import configure_logging
+
+log = logging.getLogger("dspy_fleet.api")
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the API: defaults, then the environment (DSPY_FLEET_*), then ``test_config``."""
+    from api import errors, middleware, services
+    from api.routes import predictions, system
+    from api.settings import ApiSettings
+    from worker.fleet_config import load_fleet_config
+    from worker.settings import load_settings
+
+    overrides = dict(test_config or {})
+    settings = load_settings(ApiSettings, **overrides.pop("settings", {}))
+    if not overrides.pop("keep_logging", False):
+        configure_logging(settings.log_level, service="api")
+    config = load_fleet_config(settings.config)
+
+    app = Flask(__name__)
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        STARTED_AT=time.monotonic(),
+        JSON_SORT_KEYS=False,
+    )
+    app.config.update(overrides)
+    services.init_app(app, settings, config)
+    middleware.init_app(app)
+    errors.register_error_handlers(app)
+    app.register_blueprint(system.bp)
+    app.register_blueprint(predictions.bp)
+    log.info("api ready to serve", extra={"env": settings.env, "programs": len(config.programs)})
+    return app

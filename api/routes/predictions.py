@@ -1,0 +1,135 @@
+"""POST /v1/predict and GET /v1/predictions/<id>."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request
+from pydantic import ValidationError
+
+from api.errors import BadRequest, NotFound, ValidationFailed
+from api.services import services
+from api.views import job_view
+from api.waiter import JobWaiter
+from worker.contract import DEFAULT_TENANT, PredictRequest, build_message
+from worker.jobs import TERMINAL
+
+log = logging.getLogger("dspy_fleet.api")
+bp = Blueprint("predictions", __name__, url_prefix="/v1")
+
+
+def _json_body() -> Any:
+    body = request.get_json(force=True, silent=True)
+    if body is None:
+        raise BadRequest("request body is not valid JSON")
+    return body
+
+
+def _schema_errors(exc: ValidationError) -> ValidationFailed:
+    errors = [
+        {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
+    fields = ", ".join(sorted({e["field"] for e in errors}))
+    return ValidationFailed(f"invalid request: check {fields}", details={"errors": errors})
+
+
+def _check_names(req: PredictRequest) -> tuple[str, str]:
+    """Resolve program and model, 404 for names the config does not know."""
+    cfg = services().config
+    program = req.program or cfg.default_program
+    if program not in cfg.programs:
+        raise NotFound(
+            f"unknown program {program!r}",
+            code="unknown_program",
+            details={"programs": sorted(cfg.programs)},
+        )
+    model = cfg.model_for(program, req.model)
+    if model not in cfg.models:
+        raise NotFound(
+            f"unknown model {model!r}", code="unknown_model", details={"models": sorted(cfg.models)}
+        )
+    variants = cfg.programs[program].variants
+    if req.variant is not None and req.variant not in variants:
+        raise NotFound(
+            f"program {program!r} has no variant {req.variant!r}",
+            code="unknown_variant",
+            details={"variants": sorted(variants)},
+        )
+    return program, model
+
+
+def _waiter() -> JobWaiter:
+    svc = services()
+    waiter = getattr(svc, "waiter", None)
+    if waiter is None:
+        waiter = svc.waiter = JobWaiter(svc.redis, svc.store)
+    return waiter
+
+
+def _answer(job: dict[str, Any], wait: float) -> tuple[Response, int]:
+    if wait > 0 and job.get("status") not in TERMINAL:
+        job = _waiter().wait(job["job_id"], wait) or job
+    view = job_view(job)
+    status = 200 if job.get("status") in TERMINAL else 202
+    resp = jsonify(view)
+    if status == 202:
+        resp.headers["Location"] = view["status_url"]
+    return resp, status
+
+
+@bp.post("/predict")
+def predict() -> tuple[Response, int]:
+    """Submit one prediction; 202 queued, or 200 when it finished within ``wait``."""
+    try:
+        req = PredictRequest.model_validate(_json_body())
+    except ValidationError as exc:
+        raise _schema_errors(exc) from None
+    program, model = _check_names(req)
+    svc = services()
+    tenant = g.get("tenant") or DEFAULT_TENANT
+    message = build_message(
+        req.model_copy(update={"program": program, "model": model}), tenant=tenant
+    )
+    record = {
+        "program": program,
+        "model": model,
+        "variant": req.variant,
+        "tenant": tenant,
+        "request_id": req.request_id,
+        "queue": req.priority,
+        "created_at": message.submitted_at,
+    }
+    job, created = svc.submit(message, record, request_id=g.get("request_id"))
+    log.info(
+        "job enqueued" if created else "idempotent replay of an existing job",
+        extra={
+            "job_id": message.job_id,
+            "program": program,
+            "model": model,
+            "status": job.get("status"),
+        },
+    )
+    return _answer(job, min(req.wait, svc.settings.max_wait_seconds))
+
+
+@bp.get("/predictions/<job_id>")
+def get_prediction(job_id: str) -> tuple[Response, int] | Response:
+    """The job's status and, once it ended, its outputs or error and cost."""
+    raw_wait = request.args.get("wait", "0")
+    try:
+        wait = float(raw_wait)
+    except ValueError:
+        wait = -1.0
+    limit = services().settings.max_wait_seconds
+    if not 0 <= wait <= limit:
+        raise ValidationFailed(
+            f"wait must be a number of seconds from 0 to {limit:g}",
+            details={"errors": [{"field": "wait", "message": "out of range"}]},
+        )
+    job = services().store.get(job_id)
+    if job is None or job.get("tenant", DEFAULT_TENANT) != (g.get("tenant") or DEFAULT_TENANT):
+        raise NotFound(f"no prediction with id {job_id!r}")
+    resp, _ = _answer(job, wait)
+    return resp, 200

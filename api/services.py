@@ -1,0 +1,105 @@
+"""The API's connections to the outside: Redis, the job store and the Celery publisher.
+
+Each has an ``init_app`` (flaskr style) and lives in ``app.extensions``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import redis
+from celery import Celery
+from flask import Flask, current_app
+from kombu.exceptions import OperationalError
+
+from api import metrics
+from api.errors import ServiceUnavailable
+from api.settings import ApiSettings
+from worker import jobs
+from worker.celery_config import make_celery
+from worker.contract import TASK_NAME, JobMessage
+from worker.fleet_config import FleetConfig
+from worker.jobs import JobStore
+
+log = logging.getLogger("dspy_fleet.api")
+
+
+class Services:
+    """Everything a request handler needs, built once per process."""
+
+    def __init__(self, settings: ApiSettings, config: FleetConfig) -> None:
+        self.settings = settings
+        self.config = config
+        # Short timeouts: a Redis outage must become a quick 503, not a hung request.
+        self.redis = redis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_timeout=3,
+            socket_connect_timeout=2,
+            health_check_interval=10,
+            retry_on_timeout=False,
+        )
+        self.store = JobStore(self.redis, settings.job_ttl_seconds)
+        self.celery: Celery = make_celery(settings)
+
+    def submit(
+        self, message: JobMessage, record: dict[str, Any], *, request_id: str | None
+    ) -> tuple[dict[str, Any], bool]:
+        """Record and enqueue a job once; a replayed idempotency key returns the existing job.
+
+        Returns (job record, created). Raises 503 broker_unavailable when Redis
+        refuses either step; then nothing was accepted and nothing is left behind.
+        """
+        try:
+            created = self.store.create(message.job_id, record)
+            if not created:
+                existing = self.store.get(message.job_id)
+                return existing or {**record, "job_id": message.job_id}, False
+        except redis.RedisError as exc:
+            raise _broker_unavailable(exc) from None
+        try:
+            self.enqueue(message, request_id=request_id)
+        except ServiceUnavailable:
+            # Not accepted: forget the record so a retry with the same key enqueues.
+            with contextlib.suppress(redis.RedisError):
+                self.store.delete(message.job_id)
+            raise
+        job = jobs.decode(jobs.encode(record))  # the same strings a later GET reads
+        return {**job, "job_id": message.job_id, "status": "queued"}, True
+
+    def enqueue(self, message: JobMessage, *, request_id: str | None) -> None:
+        """Publish the job message by task name; 503 broker_unavailable if the broker is down."""
+        try:
+            self.celery.send_task(
+                TASK_NAME,
+                kwargs=message.model_dump(mode="json"),
+                task_id=message.job_id,
+                queue=message.priority,
+                # The request id rides in the message headers into the worker's logs.
+                headers={"request_id": request_id},
+            )
+        except (OperationalError, redis.RedisError, OSError) as exc:
+            raise _broker_unavailable(exc) from None
+        metrics.JOBS_ENQUEUED.labels(message.priority).inc()
+
+
+def _broker_unavailable(exc: Exception) -> ServiceUnavailable:
+    log.warning("broker refused a job: %s", exc)
+    return ServiceUnavailable(
+        "the job queue is unavailable; the job was not accepted, retry shortly",
+        code="broker_unavailable",
+        details={"reason": type(exc).__name__},
+    )
+
+
+def init_app(app: Flask, settings: ApiSettings, config: FleetConfig) -> None:
+    """Attach the services to the app."""
+    app.extensions["dspy_fleet"] = Services(settings, config)
+
+
+def services() -> Services:
+    """The services of the current app."""
+    svc: Any = current_app.extensions["dspy_fleet"]
+    return svc
