@@ -1,0 +1,182 @@
+"""Every bad request gets the right 4xx and the one JSON error shape; never a 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+TOO_LONG = "x" * 129
+
+# (case, method, path, body (json value, or raw bytes), status, error code, field named)
+CASES: list[tuple[str, str, str, Any, int, str, str | None]] = [
+    ("malformed json", "POST", "/v1/predict", b'{"input": "hi"', 400, "invalid_json", None),
+    ("empty body", "POST", "/v1/predict", b"", 400, "invalid_json", None),
+    ("array body", "POST", "/v1/predict", [1, 2], 422, "validation_error", None),
+    ("no input", "POST", "/v1/predict", {"program": "qa"}, 422, "validation_error", None),
+    (
+        "input and inputs",
+        "POST",
+        "/v1/predict",
+        {"input": "a", "inputs": {"question": "b"}},
+        422,
+        "validation_error",
+        None,
+    ),
+    (
+        "unknown field",
+        "POST",
+        "/v1/predict",
+        {"input": "a", "temprature": 1},
+        422,
+        "validation_error",
+        "temprature",
+    ),
+    (
+        "wait too long",
+        "POST",
+        "/v1/predict",
+        {"input": "a", "wait": 61},
+        422,
+        "validation_error",
+        "wait",
+    ),
+    (
+        "bad priority",
+        "POST",
+        "/v1/predict",
+        {"input": "a", "priority": "urgent"},
+        422,
+        "validation_error",
+        "priority",
+    ),
+    (
+        "temperature range",
+        "POST",
+        "/v1/predict",
+        {"input": "a", "parameters": {"temperature": 5}},
+        422,
+        "validation_error",
+        "parameters.temperature",
+    ),
+    (
+        "parameter not allowed",
+        "POST",
+        "/v1/predict",
+        {"input": "a", "parameters": {"api_key": "sk-x"}},
+        422,
+        "validation_error",
+        "parameters.api_key",
+    ),
+    (
+        "request_id too long",
+        "POST",
+        "/v1/predict",
+        {"input": "a", "request_id": TOO_LONG},
+        422,
+        "validation_error",
+        "request_id",
+    ),
+    ("input wrong type", "POST", "/v1/predict", {"input": 5}, 422, "validation_error", "input"),
+    (
+        "unknown program",
+        "POST",
+        "/v1/predict",
+        {"input": "a", "program": "nope"},
+        404,
+        "unknown_program",
+        None,
+    ),
+    (
+        "unknown model",
+        "POST",
+        "/v1/predict",
+        {"input": "a", "model": "gpt-99"},
+        404,
+        "unknown_model",
+        None,
+    ),
+    (
+        "unknown variant",
+        "POST",
+        "/v1/predict",
+        {"input": "a", "variant": "B"},
+        404,
+        "unknown_variant",
+        None,
+    ),
+    ("unknown prediction", "GET", "/v1/predictions/does-not-exist", None, 404, "not_found", None),
+    ("bad wait param", "GET", "/v1/predictions/x?wait=abc", None, 422, "validation_error", "wait"),
+    (
+        "negative wait param",
+        "GET",
+        "/v1/predictions/x?wait=-1",
+        None,
+        422,
+        "validation_error",
+        "wait",
+    ),
+    ("unknown route", "GET", "/v2/nothing", None, 404, "not_found", None),
+    ("wrong method", "DELETE", "/health", None, 405, "method_not_allowed", None),
+    (
+        "body too large",
+        "POST",
+        "/v1/predict",
+        b'{"input": "' + b"x" * 1_100_000 + b'"}',
+        413,
+        "payload_too_large",
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "method", "path", "body", "status", "code", "field"), CASES, ids=[c[0] for c in CASES]
+)
+def test_bad_request(
+    api_client: httpx.Client,
+    case: str,
+    method: str,
+    path: str,
+    body: Any,
+    status: int,
+    code: str,
+    field: str | None,
+) -> None:
+    kwargs: dict[str, Any] = {"headers": {"X-Request-ID": f"case-{status}"}}
+    if isinstance(body, bytes):
+        kwargs["content"] = body
+        kwargs["headers"]["Content-Type"] = "application/json"
+    elif body is not None:
+        kwargs["json"] = body
+    resp = api_client.request(method, path, **kwargs)
+    assert resp.status_code == status, resp.text
+    assert resp.headers["Content-Type"].startswith("application/json")
+    error = resp.json()["error"]
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["details"], dict)
+    assert error["request_id"] == f"case-{status}" == resp.headers["X-Request-ID"]
+    if field is not None:
+        named = [e["field"] for e in error["details"]["errors"]]
+        assert field in named, named
+
+
+def test_unknown_names_list_what_exists(api_client: httpx.Client) -> None:
+    error = api_client.post("/v1/predict", json={"input": "a", "program": "nope"}).json()["error"]
+    assert "qa" in error["details"]["programs"]
+
+
+def test_rejected_requests_leave_no_job_behind(api_client: httpx.Client, redis_server) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+
+    def job_keys() -> set[bytes]:
+        return set(client.scan_iter("dspy_fleet:job:*"))
+
+    before = job_keys()
+    for body in ({"input": "a", "model": "gpt-99"}, {"input": 5}, {"input": "a", "wait": 99}):
+        assert api_client.post("/v1/predict", json=body).status_code in (404, 422)
+    assert job_keys() == before

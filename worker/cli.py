@@ -1,0 +1,95 @@
+"""The `dspy-fleet` command: api, worker, dev, mock-llm.
+
+Heavy imports happen inside each command, so `dspy-fleet api` never loads dspy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+import click
+
+from worker.errors import ConfigError
+
+
+def _fail(exc: ConfigError) -> NoReturn:
+    click.echo(f"dspy-fleet: {exc.message}", err=True)
+    sys.exit(2)
+
+
+def _exec(argv: list[str]) -> NoReturn:
+    # exec, not a child: the server becomes this process and receives SIGTERM
+    # directly (PID 1 in a container), which is what graceful shutdown needs.
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, *argv])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option("0.1.0", prog_name="dspy-fleet")
+def main() -> None:
+    """dspy-fleet: run DSPy programs as a service."""
+
+
+@main.command()
+def api() -> None:
+    """Serve the HTTP API under gunicorn (settings from DSPY_FLEET_* variables)."""
+    from api.settings import ApiSettings
+    from worker.fleet_config import load_fleet_config
+    from worker.settings import load_settings
+
+    try:
+        settings = load_settings(ApiSettings)
+        load_fleet_config(settings.config)
+    except ConfigError as exc:
+        _fail(exc)
+    _exec(["-m", "gunicorn", "-c", "python:api.gunicorn_conf", "api:create_app()"])
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker; extra arguments go to `celery worker`."""
+    from worker.fleet_config import load_fleet_config
+    from worker.settings import WorkerSettings, load_settings
+
+    try:
+        settings = load_settings(WorkerSettings)
+        load_fleet_config(settings.config)
+    except ConfigError as exc:
+        _fail(exc)
+    _exec([
+        "-m", "celery", "-A", "worker.celery_app", "worker",
+        "--pool", settings.pool, "--concurrency", str(settings.concurrency),
+        "--queues", ",".join(settings.queue_list), "--task-events",
+        "--loglevel", settings.log_level, *celery_args,
+    ])  # fmt: skip
+
+
+@main.command()
+@click.option("--api-port", default=8080, show_default=True, help="Port of the HTTP API.")
+@click.option("--mock-port", default=8900, show_default=True, help="Port of the mock LLM.")
+@click.option("--metrics-port", default=9101, show_default=True, help="Worker metrics port.")
+@click.option("--redis-url", default=None, help="Use this Redis instead of starting one.")
+def dev(api_port: int, mock_port: int, metrics_port: int, redis_url: str | None) -> None:
+    """Run the whole stack locally: Redis, mock LLM, a worker and the API. Ctrl-C stops it."""
+    from worker.dev.stack import run_dev_stack
+
+    sys.exit(
+        run_dev_stack(
+            api_port=api_port, mock_port=mock_port, metrics_port=metrics_port, redis_url=redis_url
+        )
+    )
+
+
+def _register_mock_llm() -> None:
+    from worker.mock_llm.cli import command
+
+    main.add_command(command, "mock-llm")
+
+
+_register_mock_llm()
+
+if __name__ == "__main__":
+    main()
