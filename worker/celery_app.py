@@ -9,17 +9,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis
 from celery import signals
 
 from worker.celery_config import make_celery
 from worker.fleet_config import load_fleet_config
-from worker.jobs import JobStore
 from worker.logs import configure_logging
 from worker.settings import WorkerSettings, load_settings
+
+if TYPE_CHECKING:
+    from worker.runtime import Runtime
 
 log = logging.getLogger("dspy_fleet.worker")
 
@@ -28,40 +28,14 @@ fleet_config = load_fleet_config(settings.config)
 app = make_celery(settings, include=("worker.tasks",))
 app.conf.task_default_queue = settings.queue_list[0]
 
-_runtime: Any = None
-_runtime_lock = threading.Lock()
 _heartbeat: Any = None
 
 
-def redis_client() -> redis.Redis:
-    """A Redis client for the job store and heartbeats (decoded strings)."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        socket_timeout=5,
-        socket_connect_timeout=5,
-        health_check_interval=10,
-        retry_on_timeout=True,
-    )
+def get_runtime() -> Runtime:
+    """The per-process Runtime of this worker (imports dspy: not at module import, for Flower)."""
+    from worker import runtime
 
-
-def get_runtime() -> Any:
-    """The per-process Runtime, built on first use (after fork under prefork)."""
-    global _runtime
-    if _runtime is None:
-        with _runtime_lock:
-            if _runtime is None:
-                from worker.lm import ModelPool
-                from worker.programs import ProgramRegistry
-                from worker.runner import Runtime
-
-                _runtime = Runtime(
-                    config=fleet_config,
-                    registry=ProgramRegistry(fleet_config),
-                    models=ModelPool(fleet_config),
-                    store=JobStore(redis_client(), settings.job_ttl_seconds),
-                )
-    return _runtime
+    return runtime.get_runtime(settings, fleet_config)
 
 
 @signals.setup_logging.connect
@@ -88,7 +62,7 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
         "pool": settings.pool,
         "concurrency": settings.concurrency,
     }
-    _heartbeat = Heartbeat(redis_client(), hostname, info, settings.heartbeat_seconds)
+    _heartbeat = Heartbeat(get_runtime().redis, hostname, info, settings.heartbeat_seconds)
     _heartbeat.start()
     if settings.metrics_port and settings.pool != "prefork":
         # Under prefork every child would race for the port; multiprocess mode

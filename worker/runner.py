@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -27,23 +26,12 @@ from worker.errors import (
     MessageValidationError,
     OutputParseError,
 )
-from worker.fleet_config import FleetConfig
-from worker.jobs import TERMINAL, JobStore
-from worker.lm import ModelPool, map_provider_error
+from worker.jobs import TERMINAL
+from worker.lm import map_provider_error
 from worker.logs import log_context
-from worker.programs import ProgramRegistry
+from worker.runtime import Runtime
 
 log = logging.getLogger("dspy_fleet.worker")
-
-
-@dataclass
-class Runtime:
-    """What a worker process builds once and every job uses."""
-
-    config: FleetConfig
-    registry: ProgramRegistry
-    models: ModelPool
-    store: JobStore
 
 
 def _json_safe(value: Any) -> Any:
