@@ -20,7 +20,7 @@ log = logging.getLogger("dspy_fleet.api")
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the API: defaults, then the environment (DSPY_FLEET_*), then ``test_config``."""
     from api import errors, middleware, services
-    from api.routes import predictions, system
+    from api.routes import catalog, predictions, system
     from api.settings import ApiSettings
     from worker.fleet_config import load_fleet_config
     from worker.settings import load_settings
@@ -43,5 +43,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.register_error_handlers(app)
     app.register_blueprint(system.bp)
     app.register_blueprint(predictions.bp)
+    app.register_blueprint(catalog.bp)
     log.info("api ready to serve", extra={"env": settings.env, "programs": len(config.programs)})
     return app

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any
 
 import redis
@@ -17,9 +18,11 @@ from kombu.exceptions import OperationalError
 from api import metrics
 from api.errors import ServiceUnavailable
 from api.settings import ApiSettings
-from worker import jobs
+from worker import jobs, ledger
+from worker.catalog import CatalogReader
 from worker.celery_config import make_celery
-from worker.contract import TASK_NAME, JobMessage
+from worker.contract import TASK_NAME, JobMessage, utcnow
+from worker.cost import CostRecord, cost_usd, price_for
 from worker.fleet_config import FleetConfig
 from worker.jobs import JobStore
 
@@ -42,6 +45,13 @@ class Services:
             retry_on_timeout=False,
         )
         self.store = JobStore(self.redis, settings.job_ttl_seconds)
+        self.cache_redis = (
+            self.redis
+            if settings.cache_redis == settings.redis_url
+            else redis.Redis.from_url(settings.cache_redis, decode_responses=True,
+                                      socket_timeout=1, socket_connect_timeout=1)
+        )  # fmt: skip
+        self.catalog = CatalogReader(self.redis, settings.catalog_ttl_seconds)
         self.celery: Celery = make_celery(settings)
 
     def submit(
@@ -68,6 +78,34 @@ class Services:
             raise
         job = jobs.decode(jobs.encode(record))  # the same strings a later GET reads
         return {**job, "job_id": message.job_id, "status": "queued"}, True
+
+    def serve_cached(
+        self, message: JobMessage, record: dict[str, Any], hit: dict[str, Any], *, started: float
+    ) -> dict[str, Any]:
+        """Record a job that was born finished from an L2 cache entry, billed once at cost 0."""
+        model = self.config.models[record["model"]]
+        price = price_for(model, use_litellm_map=False)
+        saved_in, saved_out = int(hit.get("input_tokens") or 0), int(hit.get("output_tokens") or 0)
+        cost = CostRecord(
+            model=record["model"], provider_model=model.litellm_model, input_tokens=0,
+            output_tokens=0, cost_usd=0.0, cached=True,
+            latency_ms=round((time.perf_counter() - started) * 1000, 2), attempts=0,
+            variant=record["variant"], saved_input_tokens=saved_in, saved_output_tokens=saved_out,
+            saved_cost_usd=cost_usd(price, saved_in, saved_out),
+        ).to_dict()  # fmt: skip
+        now = utcnow()
+        fields = {**record, "status": "succeeded", "outputs": hit["outputs"], "cost": cost,
+                  "started_at": now, "finished_at": now, "attempts": 0}  # fmt: skip
+        dims = (record["model"], record["variant"] or "none", record["program"], record["tenant"])
+        bill = ledger.make_bill(cost, status="succeeded", dims=dims, day=now.date())
+        try:
+            created = self.store.create(message.job_id, fields, bill=bill)
+            existing = None if created else self.store.get(message.job_id)
+        except redis.RedisError as exc:
+            raise _broker_unavailable(exc) from None
+        if existing is not None:
+            return existing
+        return {**jobs.decode(jobs.encode(fields)), "job_id": message.job_id}
 
     def enqueue(self, message: JobMessage, *, request_id: str | None) -> None:
         """Publish the job message by task name; 503 broker_unavailable if the broker is down."""

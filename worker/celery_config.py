@@ -27,12 +27,16 @@ def celery_config(settings: CommonSettings) -> dict[str, Any]:
         "socket_connect_timeout": 5,
         "socket_keepalive": True,
         "health_check_interval": 10,
+        # Redeliver a crashed worker's jobs promptly once their visibility timeout passed.
+        "unacked_restore_interval": settings.restore_sweep_seconds,
+        "unacked_restore_throttle": 1,
     }
     conf: dict[str, Any] = {
         "broker_url": settings.broker,
         "result_backend": settings.backend,
         "broker_transport_options": transport,
-        "result_backend_transport_options": dict(transport),
+        # Celery's docs ask for the same visibility timeout on the result backend.
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "broker_connection_retry_on_startup": True,
         # JSON only: pickle would let any producer run code on our workers.
         "task_serializer": "json",

@@ -31,16 +31,25 @@ class CostRecord:
     latency_ms: float
     attempts: int
     variant: str | None = None
+    # What a cache hit saved: the tokens and cost of the call it replaced.
+    saved_input_tokens: int = 0
+    saved_output_tokens: int = 0
+    saved_cost_usd: float | None = 0.0
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
         return asdict(self)
 
 
-def price_for(model: ModelConfig) -> Price | None:
-    """The configured price, else LiteLLM's bundled price map, else None (unknown)."""
+def price_for(model: ModelConfig, *, use_litellm_map: bool = True) -> Price | None:
+    """The configured price, else LiteLLM's bundled price map, else None (unknown).
+
+    The API passes ``use_litellm_map=False``: it must never import litellm.
+    """
     if model.input_price_per_1k is not None and model.output_price_per_1k is not None:
         return Price(model.input_price_per_1k / 1000, model.output_price_per_1k / 1000)
+    if not use_litellm_map:
+        return None
     from worker.dspy_env import litellm  # the API never reaches this branch
 
     name = model.litellm_model

@@ -49,6 +49,12 @@ class UnknownModelError(JobError):
     code = "unknown_model"
 
 
+class UnknownVariantError(JobError):
+    """The job forces a variant the program does not have."""
+
+    code = "unknown_variant"
+
+
 class ProviderError(JobError):
     """The LLM provider failed (5xx, 429, connection error or timeout)."""
 

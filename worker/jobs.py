@@ -15,7 +15,10 @@ from typing import Any
 
 import redis
 
+from worker import ledger
+
 KEY_PREFIX = "dspy_fleet:job:"
+FINISHED_PREFIX = "dspy_fleet:finished:"
 DONE_CHANNEL = "dspy_fleet:job_done"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 STATUSES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
@@ -23,11 +26,38 @@ _JSON_FIELDS = ("outputs", "error", "cost")
 _INT_FIELDS = ("attempts",)
 
 # Create the hash only if it does not exist, atomically, so two submissions of
-# one idempotency key can never both enqueue. ARGV[1] is the TTL.
+# one idempotency key can never both enqueue. A job born finished (a cache hit the
+# API served) also gets its finished marker and its bill.
+# KEYS: job, finished marker, [day hash]. ARGV: ttl, n, n field/value pairs, [day ttl, bill pairs].
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+local n = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3, 2 + 2 * n))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+if #KEYS == 3 then
+  local b = 3 + 2 * n
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+  for i = b + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', KEYS[3], ARGV[b])
+end
+return 1
+"""
+
+# Finish a job exactly once: the first terminal write wins (SET NX on the marker);
+# its fields, its bill and the wake-up all happen in this one atomic script, so a
+# job is never finished-but-unbilled and a redelivered copy can never bill again.
+# KEYS: job, finished marker, [day hash]. ARGV: ttl, channel, job id, n, pairs, [day ttl, bill].
+_FINISH = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local n = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + 2 * n))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if #KEYS == 3 then
+  local b = 5 + 2 * n
+  for i = b + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', KEYS[3], ARGV[b])
+end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
 
@@ -94,16 +124,27 @@ class JobStore:
         self.ttl = ttl_seconds
         self._create = client.register_script(_CREATE)
         self._start = client.register_script(_START)
+        self._finish = client.register_script(_FINISH)
 
     @staticmethod
     def key(job_id: str) -> str:
         """The Redis key of a job."""
         return KEY_PREFIX + job_id
 
-    def create(self, job_id: str, fields: Mapping[str, Any]) -> bool:
-        """Record a queued job; False when the job id already exists (idempotent replay)."""
-        argv = [self.ttl, *_pairs({"job_id": job_id, "status": "queued", **fields})]
-        return bool(self._create(keys=[self.key(job_id)], args=argv))
+    def create(
+        self, job_id: str, fields: Mapping[str, Any], bill: ledger.Bill | None = None
+    ) -> bool:
+        """Record a job (queued unless ``fields`` says otherwise; finished and billed if ``bill``).
+
+        False when the job id already exists (an idempotent replay): nothing changes.
+        """
+        pairs = _pairs({"job_id": job_id, "status": "queued", **fields})
+        keys = [self.key(job_id), FINISHED_PREFIX + job_id]
+        argv: list[Any] = [self.ttl, len(pairs) // 2, *pairs]
+        if bill is not None:
+            keys.append(bill.key)
+            argv += [ledger.KEEP_SECONDS, *bill.pairs]
+        return bool(self._create(keys=keys, args=argv))
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job record, or None for an unknown (or expired) id."""
@@ -127,10 +168,18 @@ class JobStore:
         """Set fields of a job (status changes that are not terminal)."""
         self.client.hset(self.key(job_id), mapping=encode(fields))
 
-    def finish(self, job_id: str, fields: Mapping[str, Any]) -> None:
-        """Write a terminal status and wake every waiter, in one round-trip."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.key(job_id), mapping=encode(fields))
-        pipe.expire(self.key(job_id), self.ttl)
-        pipe.publish(DONE_CHANNEL, job_id)
-        pipe.execute()
+    def finish(
+        self, job_id: str, fields: Mapping[str, Any], bill: ledger.Bill | None = None
+    ) -> bool:
+        """Write a terminal status, apply the bill and wake waiters, once per job.
+
+        Returns False when the job had already been finished (by a redelivered or
+        concurrent copy of its message): then nothing was written or billed.
+        """
+        pairs = _pairs(fields)
+        keys = [self.key(job_id), FINISHED_PREFIX + job_id]
+        argv: list[Any] = [self.ttl, DONE_CHANNEL, job_id, len(pairs) // 2, *pairs]
+        if bill is not None:
+            keys.append(bill.key)
+            argv += [ledger.KEEP_SECONDS, *bill.pairs]
+        return bool(self._finish(keys=keys, args=argv))

@@ -123,20 +123,40 @@ def load_program(name: str, cfg: ProgramConfig, state: Path | None = None) -> Lo
 
 
 class ProgramRegistry:
-    """All configured programs, built once per worker process."""
+    """All configured programs (and variant states), built once per worker process."""
 
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
-        self._programs = {name: load_program(name, cfg) for name, cfg in config.programs.items()}
+        self._programs: dict[tuple[str, str | None], LoadedProgram] = {}
+        for name, cfg in config.programs.items():
+            self._programs[(name, None)] = load_program(name, cfg)
+            for variant, var in cfg.variants.items():
+                if var.state is not None:
+                    self._programs[(name, variant)] = load_program(name, cfg, var.state)
 
-    def get(self, name: str) -> LoadedProgram:
-        """A program by name; UnknownProgramError names the ones that exist."""
-        try:
-            return self._programs[name]
-        except KeyError:
+    def get(self, name: str, variant: str | None = None) -> LoadedProgram:
+        """A program (in the variant's saved state, if it has one); names the ones that exist."""
+        found = self._programs.get((name, variant)) or self._programs.get((name, None))
+        if found is None:
             raise UnknownProgramError(
-                f"unknown program {name!r}", details={"programs": sorted(self._programs)}
-            ) from None
+                f"unknown program {name!r}", details={"programs": sorted(self.config.programs)}
+            )
+        return found
 
-    def __iter__(self):  # noqa: D105
-        return iter(self._programs.values())
+    def catalog(self) -> dict[str, dict[str, Any]]:
+        """What the API needs to know about each program (published to Redis at start-up)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, cfg in self.config.programs.items():
+            base = self._programs[(name, None)]
+            out[name] = {
+                "description": cfg.description,
+                "input_fields": list(base.input_fields),
+                "output_fields": list(base.output_fields),
+                "version": base.version,
+                "variants": {
+                    v: {"weight": var.weight, "model": var.model,
+                        "version": self.get(name, v).version}
+                    for v, var in cfg.variants.items()
+                },
+            }  # fmt: skip
+        return out

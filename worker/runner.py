@@ -1,4 +1,4 @@
-"""Run one job: validate the message, call the DSPy program, record the outcome.
+"""Run one job: validate the message, plan it, answer from cache or the model, record it.
 
 Plain functions over a :class:`Runtime`, so they are testable without Celery;
 ``worker.tasks`` is the thin Celery wrapper around :func:`execute`.
@@ -6,36 +6,36 @@ Plain functions over a :class:`Runtime`, so they are testable without Celery;
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from worker import metrics
+from worker import ledger, metrics
 from worker.contract import JobMessage, utcnow
 from worker.cost import CostRecord, cost_usd, price_for
-from worker.dspy_env import dspy
-from worker.errors import (
-    FleetError,
-    JobError,
-    JobFailed,
-    JobTimeoutError,
-    MessageValidationError,
-    OutputParseError,
-)
+from worker.errors import JobError, JobFailed, MessageValidationError, UnknownVariantError
 from worker.jobs import TERMINAL
-from worker.lm import map_provider_error
 from worker.logs import log_context
+from worker.predict import Usage, as_job_error, call_program
+from worker.programs import LoadedProgram
+from worker.routing import Route, cache_key, resolve
 from worker.runtime import Runtime
 
 log = logging.getLogger("dspy_fleet.worker")
 
 
-def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided about a job before any model is called."""
+
+    route: Route
+    program: LoadedProgram
+    inputs: dict[str, Any]
+    params: dict[str, Any]
+    key: str
 
 
 def _validation_error(exc: ValidationError) -> MessageValidationError:
@@ -78,19 +78,45 @@ def execute(
             err = _validation_error(exc)
             log.warning("rejected malformed job message", extra={"status": "failed"})
             rt.store.start(job_id, {"created_at": utcnow()}, {"status": "running"})
-            _finish_failed(rt, job_id, err, cost=None, labels=("unknown", "unknown", "none"))
+            _finish_failed(rt, job_id, err, cost=None, dims=None)
             raise JobFailed(err.to_dict()) from None
         return _run(rt, msg, attempt=attempt, queue=queue or msg.priority)
 
 
+def make_plan(rt: Runtime, msg: JobMessage) -> Plan:
+    """Resolve program, variant, model, inputs and cache key; JobError if any is invalid."""
+    name = msg.program or rt.config.default_program
+    base = rt.registry.get(name)
+    inputs = base.bind_inputs(msg.input, msg.inputs)
+    params = msg.parameters.effective()
+    variants = rt.config.programs[name].variants
+    if msg.variant is not None and msg.variant not in variants:
+        raise UnknownVariantError(
+            f"program {name!r} has no variant {msg.variant!r}",
+            details={"variants": sorted(variants)},
+        )
+    route = resolve(rt.config, name, model=msg.model, variant=msg.variant, inputs=inputs,
+                    params=params)  # fmt: skip
+    rt.models.model_config(route.model)  # UnknownModelError before anything runs
+    program = rt.registry.get(name, route.variant)
+    key = cache_key(name, program.version, route.model, inputs, params)
+    return Plan(route=route, program=program, inputs=inputs, params=params, key=key)
+
+
 def _run(rt: Runtime, msg: JobMessage, *, attempt: int, queue: str) -> dict[str, Any]:
     program_name = msg.program or rt.config.default_program
-    alias = rt.config.model_for(program_name, msg.model)
-    variant = msg.variant
+    plan: Plan | None = None
+    error: JobError | None = None
+    try:
+        plan = make_plan(rt, msg)
+    except JobError as exc:
+        error = exc
+    route = plan.route if plan else None
     meta = {
         "created_at": msg.submitted_at,
         "program": program_name,
-        "model": alias,
+        "model": route.model if route else msg.model or rt.config.model_for(program_name, None),
+        "variant": route.variant if route else msg.variant,
         "tenant": msg.tenant,
         "request_id": msg.request_id,
         "queue": queue,
@@ -103,146 +129,120 @@ def _run(rt: Runtime, msg: JobMessage, *, attempt: int, queue: str) -> dict[str,
         job = rt.store.get(msg.job_id)
         assert job is not None
         return _stored_outcome(job)
-
-    labels = (program_name, alias, variant or "none")
-    with log_context(program=program_name, model=alias, variant=variant):
-        started = time.perf_counter()
-        tokens = {"input": 0, "output": 0}
-        metrics.ACTIVE.inc()
-        try:
-            program = rt.registry.get(program_name)
-            inputs = program.bind_inputs(msg.input, msg.inputs)
-            lm = rt.models.get(alias)
-            params = msg.parameters.effective()
-            if params:
-                lm = lm.copy(**params)
-            with dspy.context(lm=lm, track_usage=True), _usage() as tracker:
-                try:
-                    prediction = program.module(**inputs)
-                finally:
-                    tokens = _token_totals(tracker)
-            outputs = _json_safe(prediction.toDict())
-        except BaseException as exc:  # noqa: BLE001 - every failure must be recorded
-            err = _as_job_error(exc)
-            cost = _cost(rt, alias, tokens, started, attempt, variant)
-            _finish_failed(rt, msg.job_id, err, cost=cost, labels=labels)
-            if not isinstance(exc, Exception):
-                raise
-            raise JobFailed(err.to_dict()) from None
-        finally:
-            metrics.ACTIVE.dec()
-        cost = _cost(rt, alias, tokens, started, attempt, variant)
-        fields = {
-            "status": "succeeded",
-            "outputs": outputs,
-            "cost": cost.to_dict(),
-            "finished_at": utcnow(),
-        }
-        rt.store.finish(msg.job_id, fields)
-        _observe(labels, "succeeded", cost)
-        log.info(
-            "prediction succeeded",
-            extra={
-                "status": "succeeded",
-                "latency_ms": cost.latency_ms,
-                "cache": "miss",
-                "input_tokens": cost.input_tokens,
-                "output_tokens": cost.output_tokens,
-                "cost_usd": cost.cost_usd,
-            },
-        )
-        return _envelope({**meta, **fields, "job_id": msg.job_id, "variant": variant})
+    with log_context(program=meta["program"], model=meta["model"], variant=meta["variant"]):
+        if plan is None:
+            assert error is not None
+            _finish_failed(rt, msg.job_id, error, cost=None, dims=None)
+            raise JobFailed(error.to_dict())
+        return _predict(rt, msg, plan, attempt, meta)
 
 
-def _usage():
-    from dspy.utils.usage_tracker import track_usage
+def _predict(rt: Runtime, msg: JobMessage, plan: Plan, attempt: int,
+             meta: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    route = plan.route
+    dims = (route.model, route.variant or "none", route.program, msg.tenant)
+    usage = Usage()
+    started = time.perf_counter()
 
-    return track_usage()
+    def compute() -> dict[str, Any]:
+        outputs = call_program(plan.program.module, rt.models.get(route.model), plan.inputs,
+                               plan.params, usage)  # fmt: skip
+        return {"outputs": outputs, "model": route.model, "program_version": plan.program.version,
+                "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+                "created_at": utcnow().isoformat()}  # fmt: skip
 
-
-def _token_totals(tracker: Any) -> dict[str, int]:
-    totals = {"input": 0, "output": 0}
-    for usage in tracker.get_total_tokens().values():
-        totals["input"] += int(usage.get("prompt_tokens") or 0)
-        totals["output"] += int(usage.get("completion_tokens") or 0)
-    return totals
-
-
-def _cost(
-    rt: Runtime,
-    alias: str,
-    tokens: dict[str, int],
-    started: float,
-    attempt: int,
-    variant: str | None,
-) -> CostRecord:
-    cfg = rt.config.models.get(alias)
-    price = price_for(cfg) if cfg else None
-    if price is None and (tokens["input"] or tokens["output"]):
-        log.warning("no price known for model; cost_usd is null", extra={"model": alias})
-    return CostRecord(
-        model=alias,
-        provider_model=cfg.litellm_model if cfg else alias,
-        input_tokens=tokens["input"],
-        output_tokens=tokens["output"],
-        cost_usd=cost_usd(price, tokens["input"], tokens["output"]),
-        cached=False,
-        latency_ms=round((time.perf_counter() - started) * 1000, 2),
-        attempts=attempt,
-        variant=variant,
-    )
-
-
-def _as_job_error(exc: BaseException) -> JobError:
-    if isinstance(exc, JobError):
-        return exc
-    if isinstance(exc, SoftTimeLimitExceeded):
-        return JobTimeoutError("job ran past its soft time limit")
-    if isinstance(exc, Exception):
-        mapped = map_provider_error(exc)
-        if mapped is not None:
-            return mapped
-        if type(exc).__name__ == "AdapterParseError":
-            return OutputParseError(
-                "the model's answer did not match the program's output fields",
-                details={"lm_response": str(getattr(exc, "lm_response", ""))[:2000]},
-            )
-        if isinstance(exc, FleetError):
-            return JobError(exc.message, details=exc.details)
-    log.error("unexpected error while running a job", exc_info=exc)
-    return JobError(f"internal error: {type(exc).__name__}")
+    metrics.ACTIVE.inc()
+    try:
+        if msg.use_cache:
+            ttl = msg.cache_ttl or rt.settings.cache_ttl_seconds
+            entry, source = rt.cache.get_or_compute(plan.key, ttl, msg.job_id, compute)
+        else:
+            entry, source = compute(), "computed"
+    except BaseException as exc:
+        err = as_job_error(exc)
+        cost = _cost(rt, route, usage, started, attempt, entry=None)
+        _finish_failed(rt, msg.job_id, err, cost=cost, dims=dims)
+        if not isinstance(exc, Exception):
+            raise  # SystemExit and friends: recorded, then let Celery handle them
+        raise JobFailed(err.to_dict()) from None
+    finally:
+        metrics.ACTIVE.dec()
+    cached = source != "computed"
+    cost = _cost(rt, route, usage, started, attempt, entry=entry if cached else None)
+    fields = {"status": "succeeded", "outputs": entry["outputs"], "cost": cost.to_dict(),
+              "finished_at": utcnow()}  # fmt: skip
+    earlier = _finish(rt, msg.job_id, fields, dims)
+    if earlier is not None:
+        return earlier
+    log.info(
+        "prediction succeeded",
+        extra={"status": "succeeded", "latency_ms": cost.latency_ms,
+               "cache": source if cached else "miss", "input_tokens": cost.input_tokens,
+               "output_tokens": cost.output_tokens, "cost_usd": cost.cost_usd},
+    )  # fmt: skip
+    return _envelope({**meta, **fields, "job_id": msg.job_id})
 
 
-def _finish_failed(
-    rt: Runtime,
-    job_id: str,
-    err: JobError,
-    *,
-    cost: CostRecord | None,
-    labels: tuple[str, str, str],
-) -> None:
-    fields = {
-        "status": "failed",
-        "error": err.to_dict(),
-        "finished_at": utcnow(),
-        "cost": cost.to_dict() if cost else None,
-    }
-    rt.store.finish(job_id, fields)
-    metrics.ERRORS.labels(labels[1], err.code).inc()
+def _cost(rt: Runtime, route: Route, usage: Usage, started: float, attempt: int,
+          entry: dict[str, Any] | None) -> CostRecord:  # fmt: skip
+    """The job's cost record; ``entry`` is the cache entry when the answer was not computed."""
+    cfg = rt.config.models[route.model]
+    latency = round((time.perf_counter() - started) * 1000, 2)
+    price = price_for(cfg)
+    record = CostRecord(
+        model=route.model, provider_model=cfg.litellm_model, input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens, cost_usd=None, cached=entry is not None,
+        latency_ms=latency, attempts=attempt, variant=route.variant,
+    )  # fmt: skip
+    if entry is not None:
+        record.saved_input_tokens = int(entry.get("input_tokens") or 0)
+        record.saved_output_tokens = int(entry.get("output_tokens") or 0)
+        record.cost_usd = 0.0
+        record.saved_cost_usd = cost_usd(price, record.saved_input_tokens,
+                                         record.saved_output_tokens)  # fmt: skip
+        return record
+    record.cost_usd = cost_usd(price, usage.input_tokens, usage.output_tokens)
+    if record.cost_usd is None and (usage.input_tokens or usage.output_tokens):
+        log.warning("no price known for this model; cost_usd is null", extra={"cost_usd": None})
+    return record
+
+
+def _finish(rt: Runtime, job_id: str, fields: dict[str, Any],
+            dims: tuple[str, str, str, str]) -> dict[str, Any] | None:  # fmt: skip
+    """Finish a succeeded job once; if a concurrent copy finished it first, return that."""
+    cost = CostRecord(**fields["cost"])
+    bill = ledger.make_bill(fields["cost"], status="succeeded", dims=dims, day=utcnow().date())
+    if not rt.store.finish(job_id, fields, bill=bill):
+        log.warning("job was finished by another delivery; keeping that result")
+        job = rt.store.get(job_id)
+        assert job is not None
+        return _stored_outcome(job)
+    _observe(dims, "succeeded", cost)
+    return None
+
+
+def _finish_failed(rt: Runtime, job_id: str, err: JobError, *, cost: CostRecord | None,
+                   dims: tuple[str, str, str, str] | None) -> None:  # fmt: skip
+    fields = {"status": "failed", "error": err.to_dict(), "finished_at": utcnow(),
+              "cost": cost.to_dict() if cost else None}  # fmt: skip
+    bill = None
+    if dims and cost:
+        bill = ledger.make_bill(fields["cost"], status="failed", dims=dims, day=utcnow().date())
+    if not rt.store.finish(job_id, fields, bill=bill):
+        log.warning("job was finished by another delivery; this failure is not recorded")
+        return
+    labels = dims or ("unknown", "none", "unknown", "")
+    metrics.ERRORS.labels(labels[0], err.code).inc()
     _observe(labels, "failed", cost)
     log.warning(
-        "prediction failed: %s",
-        err.message,
-        extra={
-            "status": "failed",
-            "error_code": err.code,
-            "latency_ms": cost.latency_ms if cost else None,
-        },
-    )
+        "prediction failed: %s", err.message,
+        extra={"status": "failed", "error_code": err.code,
+               "latency_ms": cost.latency_ms if cost else None},
+    )  # fmt: skip
 
 
-def _observe(labels: tuple[str, str, str], status: str, cost: CostRecord | None) -> None:
-    program, model, variant = labels
+def _observe(dims: tuple[str, str, str, str], status: str, cost: CostRecord | None) -> None:
+    model, variant, program, _tenant = dims
     metrics.PREDICTIONS.labels(program, model, variant, status).inc()
     if cost is None:
         return

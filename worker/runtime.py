@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
 import redis
 
+from worker import catalog
+from worker.cache import PredictionCache
 from worker.fleet_config import FleetConfig
 from worker.jobs import JobStore
 from worker.lm import ModelPool
 from worker.programs import ProgramRegistry
 from worker.settings import WorkerSettings
+
+log = logging.getLogger("dspy_fleet.worker")
 
 
 @dataclass
@@ -24,6 +29,7 @@ class Runtime:
     models: ModelPool
     store: JobStore
     redis: redis.Redis
+    cache: PredictionCache
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -37,14 +43,34 @@ def redis_client(url: str) -> redis.Redis:
 def build_runtime(settings: WorkerSettings, config: FleetConfig) -> Runtime:
     """Build programs (failing fast on a broken one), model pool and stores."""
     client = redis_client(settings.redis_url)
-    return Runtime(
+    registry = ProgramRegistry(config)
+    cache_client = (
+        client if settings.cache_redis == settings.redis_url else redis_client(settings.cache_redis)
+    )
+    rt = Runtime(
         settings=settings,
         config=config,
-        registry=ProgramRegistry(config),
+        registry=registry,
         models=ModelPool(config),
         store=JobStore(client, settings.job_ttl_seconds),
         redis=client,
+        cache=PredictionCache(
+            cache_client,
+            l1_max_entries=settings.l1_cache_entries,
+            l1_ttl=settings.l1_cache_ttl_seconds,
+            lock_seconds=settings.coalesce_lock_seconds,
+        ),
     )
+    publish_catalog(rt)
+    return rt
+
+
+def publish_catalog(rt: Runtime) -> None:
+    """Tell the API what this worker loaded; a Redis outage here is logged, not fatal."""
+    try:
+        catalog.publish(rt.redis, rt.registry.catalog())
+    except redis.RedisError as exc:
+        log.warning("could not publish the program catalog: %s", exc)
 
 
 _runtime: Runtime | None = None

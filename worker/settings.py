@@ -33,16 +33,28 @@ class CommonSettings(BaseSettings):
     config: Path = Field(default=DEFAULT_CONFIG_FILE, description="Models and programs YAML.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     job_ttl_seconds: int = Field(default=7 * 86400, ge=60)
+    cache_url: str | None = Field(default=None, description="L2 cache; defaults to redis_url.")
+    cache_ttl_seconds: int = Field(default=86400, ge=1)
     # Both processes must agree on the broker's visibility timeout: with several
     # Celery apps on one Redis the shortest one wins, so it is derived from the
     # same two numbers everywhere instead of being configured twice.
     soft_time_limit: float = Field(default=120.0, gt=0)
     time_limit: float = Field(default=150.0, gt=0)
+    # How often consumers look for unacked messages past the visibility timeout.
+    # kombu's default sweep is ~100 s (10 s × throttle 10): too slow after a crash.
+    restore_sweep_seconds: int = Field(default=10, ge=1)
+    visibility_timeout_seconds: int | None = Field(
+        default=None, description="Default: 2 × time_limit + 60 s; must exceed time_limit."
+    )
 
     @model_validator(mode="after")
     def _limits_in_order(self) -> CommonSettings:
         if self.time_limit <= self.soft_time_limit:
             raise ValueError("time_limit must be greater than soft_time_limit")
+        vt = self.visibility_timeout_seconds
+        if vt is not None and vt <= self.time_limit:
+            # A shorter timeout redelivers jobs that are still running: double work and cost.
+            raise ValueError("visibility_timeout_seconds must be greater than time_limit")
         return self
 
     @property
@@ -56,9 +68,14 @@ class CommonSettings(BaseSettings):
         return self.result_backend or self.redis_url
 
     @property
+    def cache_redis(self) -> str:
+        """The L2 cache URL actually used."""
+        return self.cache_url or self.redis_url
+
+    @property
     def visibility_timeout(self) -> int:
         """Seconds before Redis redelivers an unacked job: well above the hard time limit."""
-        return int(self.time_limit * 2 + 60)
+        return self.visibility_timeout_seconds or int(self.time_limit * 2 + 60)
 
 
 class WorkerSettings(CommonSettings):
@@ -72,6 +89,10 @@ class WorkerSettings(CommonSettings):
     soft_shutdown_timeout: float = Field(default=30.0, ge=0)
     metrics_port: int = Field(default=9101, ge=0, le=65535)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
+    l1_cache_entries: int = Field(default=10_000, ge=0)
+    l1_cache_ttl_seconds: float = Field(default=300.0, ge=0)
+    # Followers of a coalesced request wait at most this long for the leader.
+    coalesce_lock_seconds: float = Field(default=60.0, gt=0)
 
     @cached_property
     def queue_list(self) -> list[str]:

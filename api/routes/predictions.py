@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
@@ -12,8 +13,10 @@ from api.errors import BadRequest, NotFound, ValidationFailed
 from api.services import services
 from api.views import job_view
 from api.waiter import JobWaiter
+from worker.cache import read_l2
 from worker.contract import DEFAULT_TENANT, PredictRequest, build_message
 from worker.jobs import TERMINAL
+from worker.routing import Route, bind_inputs, cache_key, resolve
 
 log = logging.getLogger("dspy_fleet.api")
 bp = Blueprint("predictions", __name__, url_prefix="/v1")
@@ -35,29 +38,44 @@ def _schema_errors(exc: ValidationError) -> ValidationFailed:
     return ValidationFailed(f"invalid request: check {fields}", details={"errors": errors})
 
 
-def _check_names(req: PredictRequest) -> tuple[str, str]:
-    """Resolve program and model, 404 for names the config does not know."""
-    cfg = services().config
+def _plan(req: PredictRequest) -> tuple[Route, str | None]:
+    """Resolve program, variant and model (404 for unknown names) and, when possible, the
+    cache key. Input fields are checked here when a worker has published the program."""
+    svc = services()
+    cfg = svc.config
     program = req.program or cfg.default_program
     if program not in cfg.programs:
-        raise NotFound(
-            f"unknown program {program!r}",
-            code="unknown_program",
-            details={"programs": sorted(cfg.programs)},
-        )
-    model = cfg.model_for(program, req.model)
-    if model not in cfg.models:
-        raise NotFound(
-            f"unknown model {model!r}", code="unknown_model", details={"models": sorted(cfg.models)}
-        )
+        raise NotFound(f"unknown program {program!r}", code="unknown_program",
+                       details={"programs": sorted(cfg.programs)})  # fmt: skip
     variants = cfg.programs[program].variants
     if req.variant is not None and req.variant not in variants:
-        raise NotFound(
-            f"program {program!r} has no variant {req.variant!r}",
-            code="unknown_variant",
-            details={"variants": sorted(variants)},
-        )
-    return program, model
+        raise NotFound(f"program {program!r} has no variant {req.variant!r}",
+                       code="unknown_variant", details={"variants": sorted(variants)})  # fmt: skip
+    if req.model is not None and req.model not in cfg.models:
+        raise NotFound(f"unknown model {req.model!r}", code="unknown_model",
+                       details={"models": sorted(cfg.models)})  # fmt: skip
+    entry = svc.catalog.get(program)
+    inputs = req.inputs
+    if entry is not None:
+        inputs = bind_inputs(entry["input_fields"], req.input, req.inputs)
+        if inputs is None:
+            fields = entry["input_fields"]
+            raise ValidationFailed(
+                f"program {program!r} takes inputs {', '.join(fields)}"
+                + ("" if req.input is None else "; send them by name in 'inputs'"),
+                details={"input_fields": fields, "errors": [
+                    {"field": "inputs" if req.input is None else "input",
+                     "message": f"expected fields: {', '.join(fields)}"}]},
+            )  # fmt: skip
+    params = req.parameters.effective()
+    route = resolve(cfg, program, model=req.model, variant=req.variant, inputs=inputs,
+                    params=params)  # fmt: skip
+    key = None
+    if req.use_cache and entry is not None and inputs is not None:
+        arm = entry["variants"].get(route.variant) if route.variant else entry
+        if arm and arm.get("version"):
+            key = cache_key(program, arm["version"], route.model, inputs, params)
+    return route, key
 
 
 def _waiter() -> JobWaiter:
@@ -81,36 +99,35 @@ def _answer(job: dict[str, Any], wait: float) -> tuple[Response, int]:
 
 @bp.post("/predict")
 def predict() -> tuple[Response, int]:
-    """Submit one prediction; 202 queued, or 200 when it finished within ``wait``."""
+    """Submit one prediction; 202 queued, or 200 when cached or finished within ``wait``."""
+    started = time.perf_counter()
     try:
         req = PredictRequest.model_validate(_json_body())
     except ValidationError as exc:
         raise _schema_errors(exc) from None
-    program, model = _check_names(req)
+    route, key = _plan(req)
     svc = services()
     tenant = g.get("tenant") or DEFAULT_TENANT
-    message = build_message(
-        req.model_copy(update={"program": program, "model": model}), tenant=tenant
-    )
-    record = {
-        "program": program,
-        "model": model,
-        "variant": req.variant,
-        "tenant": tenant,
-        "request_id": req.request_id,
-        "queue": req.priority,
-        "created_at": message.submitted_at,
-    }
+    fixed = req.model_copy(update={"program": route.program, "model": route.model,
+                                   "variant": route.variant})  # fmt: skip
+    message = build_message(fixed, tenant=tenant)
+    record = {"program": route.program, "model": route.model, "variant": route.variant,
+              "tenant": tenant, "request_id": req.request_id, "queue": req.priority,
+              "created_at": message.submitted_at}  # fmt: skip
+    hit = read_l2(svc.cache_redis, key) if key else None
+    if hit is not None and "outputs" in hit:
+        job = svc.serve_cached(message, record, hit, started=started)
+        log.info(
+            "answered from cache without queueing",
+            extra={"job_id": message.job_id, "cache": "l2", "status": job.get("status")},
+        )
+        return _answer(job, min(req.wait, svc.settings.max_wait_seconds))
     job, created = svc.submit(message, record, request_id=g.get("request_id"))
     log.info(
         "job enqueued" if created else "idempotent replay of an existing job",
-        extra={
-            "job_id": message.job_id,
-            "program": program,
-            "model": model,
-            "status": job.get("status"),
-        },
-    )
+        extra={"job_id": message.job_id, "program": route.program, "model": route.model,
+               "variant": route.variant, "status": job.get("status")},
+    )  # fmt: skip
     return _answer(job, min(req.wait, svc.settings.max_wait_seconds))
 
 

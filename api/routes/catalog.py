@@ -1,0 +1,79 @@
+"""GET /v1/programs and GET /costs: what the fleet serves and what it has cost."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+from flask import Blueprint, Response, g, jsonify, request
+
+from api.errors import ValidationFailed
+from api.services import services
+from worker import ledger
+
+bp = Blueprint("catalog", __name__)
+MAX_COST_DAYS = 366
+
+
+@bp.get("/v1/programs")
+def programs() -> Response:
+    """Registered programs: fields (as the workers loaded them), variants and models."""
+    svc = services()
+    published = svc.catalog.all()
+    out = []
+    for name, cfg in svc.config.programs.items():
+        loaded = published.get(name)
+        out.append({
+            "name": name,
+            "description": cfg.description,
+            "loaded": loaded is not None,
+            "input_fields": loaded["input_fields"] if loaded else None,
+            "output_fields": loaded["output_fields"] if loaded else None,
+            "version": loaded["version"] if loaded else None,
+            "default_model": svc.config.model_for(name, None),
+            "variants": [
+                {"name": v, "weight": var.weight, "model": var.model,
+                 "version": (loaded or {}).get("variants", {}).get(v, {}).get("version")}
+                for v, var in sorted(cfg.variants.items())
+            ],
+        })  # fmt: skip
+    models = [
+        {"name": alias, "provider_model": m.litellm_model, "fallbacks": m.fallbacks,
+         "input_price_per_1k": m.input_price_per_1k, "output_price_per_1k": m.output_price_per_1k}
+        for alias, m in sorted(svc.config.models.items())
+    ]  # fmt: skip
+    return jsonify(
+        {
+            "programs": out,
+            "models": models,
+            "default_program": svc.config.default_program,
+            "default_model": svc.config.default_model,
+        }
+    )
+
+
+def _day(name: str, default: date) -> date:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise ValidationFailed(
+            f"{name} must be a date like 2026-01-31",
+            details={"errors": [{"field": name, "message": "expected YYYY-MM-DD"}]},
+        ) from None
+
+
+@bp.get("/costs")
+def costs() -> Response:
+    """Cost and token totals from the fleet's aggregates, with breakdowns; ?since=&until=."""
+    today = datetime.now(UTC).date()
+    until = _day("until", today)
+    since = _day("since", until - timedelta(days=29))
+    if since > until or (until - since).days >= MAX_COST_DAYS:
+        raise ValidationFailed(
+            f"since must be on or before until, at most {MAX_COST_DAYS} days apart",
+            details={"errors": [{"field": "since", "message": "out of range"}]},
+        )
+    tenant = g.get("tenant_filter")  # set by auth: a tenant only sees its own costs
+    return jsonify(ledger.read_costs(services().redis, since, until, tenant=tenant))
