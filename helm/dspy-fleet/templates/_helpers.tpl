@@ -1,0 +1,185 @@
+{{/* vim: set filetype=mustache: */}}
+
+{{/* Chart name, truncated to the 63 characters a label allows. */}}
+{{- define "dspy-fleet.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name: release-chart unless the release name already contains the chart name. */}}
+{{- define "dspy-fleet.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of one component's resources: fullname-component (component names are short). */}}
+{{- define "dspy-fleet.componentName" -}}
+{{- printf "%s-%s" (include "dspy-fleet.fullname" .ctx | trunc 50 | trimSuffix "-") .component -}}
+{{- end -}}
+
+{{- define "dspy-fleet.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Standard labels of every resource. */}}
+{{- define "dspy-fleet.labels" -}}
+helm.sh/chart: {{ include "dspy-fleet.chart" . }}
+{{ include "dspy-fleet.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: dspy-fleet
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "dspy-fleet.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "dspy-fleet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of one component: call with (dict "ctx" $ "component" "api"). */}}
+{{- define "dspy-fleet.componentLabels" -}}
+{{ include "dspy-fleet.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "dspy-fleet.componentSelectorLabels" -}}
+{{ include "dspy-fleet.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "dspy-fleet.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "dspy-fleet.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Image of the api or worker: call with (dict "ctx" $ "repository" ...). */}}
+{{- define "dspy-fleet.image" -}}
+{{- $tag := default .ctx.Chart.AppVersion .ctx.Values.image.tag -}}
+{{- if .ctx.Values.image.registry -}}
+{{- printf "%s/%s:%s" .ctx.Values.image.registry .repository $tag -}}
+{{- else -}}
+{{- printf "%s:%s" .repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dspy-fleet.secretName" -}}
+{{- default (include "dspy-fleet.fullname" .) .Values.secrets.existingSecret -}}
+{{- end -}}
+
+{{- define "dspy-fleet.redisHost" -}}
+{{- include "dspy-fleet.componentName" (dict "ctx" . "component" "redis") -}}
+{{- end -}}
+
+{{/* Redis URL env var: the in-chart Redis, else `redis-url` from the Secret. */}}
+{{- define "dspy-fleet.redisUrlEnv" -}}
+- name: DSPY_FLEET_REDIS_URL
+{{- if .Values.redis.enabled }}
+  value: {{ printf "redis://%s:6379/0" (include "dspy-fleet.redisHost" .) | quote }}
+{{- else }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "dspy-fleet.secretName" . }}
+      key: redis-url
+{{- end }}
+{{- end -}}
+
+{{/* Environment both the api and the worker read. */}}
+{{- define "dspy-fleet.commonEnv" -}}
+- name: DSPY_FLEET_ENV
+  value: {{ .Values.env | quote }}
+- name: DSPY_FLEET_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+{{ include "dspy-fleet.redisUrlEnv" . }}
+- name: DSPY_FLEET_CONFIG
+  value: /etc/dspy-fleet/fleet.yaml
+- name: DSPY_FLEET_JOB_TTL_SECONDS
+  value: {{ .Values.jobTtlSeconds | quote }}
+- name: DSPY_FLEET_SOFT_TIME_LIMIT
+  value: {{ .Values.softTimeLimit | quote }}
+- name: DSPY_FLEET_TIME_LIMIT
+  value: {{ .Values.timeLimit | quote }}
+{{- if .Values.mockLlm.enabled }}
+- name: DSPY_FLEET_MOCK_LLM_URL
+  value: {{ printf "http://%s:8900/v1" (include "dspy-fleet.componentName" (dict "ctx" . "component" "mock-llm")) | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod annotations that roll the pods when the config or the chart's Secret changes. */}}
+{{- define "dspy-fleet.checksumAnnotations" -}}
+checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+{{- if not .Values.secrets.existingSecret }}
+checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- end }}
+{{- end -}}
+
+{{/* The read-only config volume and a writable /tmp (the root filesystem is read-only). */}}
+{{- define "dspy-fleet.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "dspy-fleet.fullname" . }}
+- name: tmp
+  emptyDir:
+    sizeLimit: 256Mi
+{{- end -}}
+
+{{- define "dspy-fleet.volumeMounts" -}}
+- name: config
+  mountPath: /etc/dspy-fleet
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
+
+{{/* Refuse unsafe or inconsistent combinations of values (bitnami-style). */}}
+{{- define "dspy-fleet.validateValues" -}}
+{{- $messages := list -}}
+{{- $prod := eq .Values.env "production" -}}
+{{- if and $prod (not .Values.secrets.apiKeys) (not .Values.secrets.existingSecret) -}}
+{{- $messages = append $messages "env=production needs API keys: set secrets.apiKeys or secrets.existingSecret (with key api-keys)" -}}
+{{- end -}}
+{{- if and $prod .Values.redis.enabled -}}
+{{- $messages = append $messages "env=production with redis.enabled=true: the in-chart Redis is a single pod for trials; set redis.enabled=false and secrets.redisUrl (or secrets.existingSecret with key redis-url)" -}}
+{{- end -}}
+{{- if and $prod .Values.mockLlm.enabled -}}
+{{- $messages = append $messages "env=production with mockLlm.enabled=true: the mock LLM answers with made-up text; set mockLlm.enabled=false" -}}
+{{- end -}}
+{{- if and $prod .Values.flower.enabled (not .Values.flower.basicAuthSecret) -}}
+{{- $messages = append $messages "env=production with flower.enabled=true needs flower.basicAuthSecret: Flower can revoke and inspect tasks" -}}
+{{- end -}}
+{{- if and (not .Values.redis.enabled) (not .Values.secrets.redisUrl) (not .Values.secrets.existingSecret) -}}
+{{- $messages = append $messages "redis.enabled=false needs secrets.redisUrl or secrets.existingSecret (with key redis-url)" -}}
+{{- end -}}
+{{- if le (float64 .Values.timeLimit) (float64 .Values.softTimeLimit) -}}
+{{- $messages = append $messages "timeLimit must be greater than softTimeLimit" -}}
+{{- end -}}
+{{- if and .Values.api.autoscaling.enabled (not (dig "requests" "cpu" "" .Values.api.resources)) -}}
+{{- $messages = append $messages "api.autoscaling.enabled scales on CPU utilisation and needs api.resources.requests.cpu" -}}
+{{- end -}}
+{{- if and .Values.api.autoscaling.enabled (gt (int .Values.api.autoscaling.minReplicas) (int .Values.api.autoscaling.maxReplicas)) -}}
+{{- $messages = append $messages "api.autoscaling.minReplicas must not exceed api.autoscaling.maxReplicas" -}}
+{{- end -}}
+{{- if and .Values.worker.autoscaling.enabled (gt (int .Values.worker.autoscaling.minReplicas) (int .Values.worker.autoscaling.maxReplicas)) -}}
+{{- $messages = append $messages "worker.autoscaling.minReplicas must not exceed worker.autoscaling.maxReplicas" -}}
+{{- end -}}
+{{- if and .Values.worker.autoscaling.enabled (eq .Values.worker.autoscaling.mode "keda") (not .Values.redis.enabled) (not .Values.worker.autoscaling.keda.redisAddress) -}}
+{{- $messages = append $messages "worker.autoscaling.mode=keda with an external Redis needs worker.autoscaling.keda.redisAddress (host:port)" -}}
+{{- end -}}
+{{- if and .Values.worker.autoscaling.enabled (eq .Values.worker.autoscaling.mode "hpa") (not .Values.celeryExporter.enabled) -}}
+{{- $messages = append $messages "worker.autoscaling.mode=hpa reads celery_queue_length from celery-exporter: set celeryExporter.enabled=true" -}}
+{{- end -}}
+{{- if $messages -}}
+{{- printf "\nVALUES VALIDATION:\n%s" (join "\n" $messages) | fail -}}
+{{- end -}}
+{{- end -}}
