@@ -13,6 +13,8 @@ _WHEN_SET = (
     "started_at",
     "finished_at",
     "attempts",
+    "retry_in_seconds",
+    "requested_model",
     "outputs",
     "error",
     "cost",

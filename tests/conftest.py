@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,15 +116,16 @@ class Service:
 def start_worker(redis_url: str, mock_url: str, log_path: Path, **extra: str) -> Service:
     """Start `dspy-fleet worker` and wait until it is consuming (its heartbeat is in Redis)."""
     env = service_env(redis_url, mock_url, DSPY_FLEET_METRICS_PORT=str(free_port()), **extra)
-    child = Child("worker", [PY, "-m", "worker.cli", "worker"], env=env, log_path=log_path)
-    client = redis.Redis.from_url(redis_url)
-    before = time.time()
+    # Celery node names must be unique per broker (heartbeats and Flower key on them).
+    node = f"{log_path.stem}-{uuid.uuid4().hex[:6]}@%h"
+    child = Child(
+        "worker", [PY, "-m", "worker.cli", "worker", "--hostname", node], env=env, log_path=log_path
+    )
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    prefix = node.split("@")[0] + "@"
 
-    def beating() -> bool:
-        return any(
-            score >= before - 1
-            for _, score in client.zrange("dspy_fleet:workers", 0, -1, withscores=True)
-        )
+    def beating() -> bool:  # this worker's own heartbeat, not another one's
+        return any(name.startswith(prefix) for name in client.zrange("dspy_fleet:workers", 0, -1))
 
     wait_until(beating, 60, "worker", child.proc)
     return Service(child=child, log_path=log_path, env=env)

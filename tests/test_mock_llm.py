@@ -273,6 +273,9 @@ def test_stats_count_and_reset(client: httpx.Client) -> None:
     client.post("/v1/chat/completions", content=b"[")
     client.get("/health")
     stats = client.get("/_mock/stats").json()
+    recent = stats.pop("recent")
+    assert [r["status"] for r in recent] == [200, 200, 503, 400]
+    assert all(a["time"] <= b["time"] for a, b in zip(recent, recent[1:], strict=False))
     assert stats == {
         "requests_total": 5,
         "chat_completions": 4,
@@ -286,6 +289,7 @@ def test_stats_count_and_reset(client: httpx.Client) -> None:
     stats = client.get("/_mock/stats").json()
     assert stats["requests_total"] == stats["chat_completions"] == stats["failed"] == 0
     assert stats["by_status"] == {}
+    assert stats["recent"] == []
 
 
 # --- Fault injection --------------------------------------------------------------------------

@@ -80,6 +80,29 @@ class ProviderTimeoutError(ProviderError):
     code = "provider_timeout"
 
 
+class CircuitOpenError(JobError):
+    """The model's circuit breaker is open (and no fallback could serve): failed fast."""
+
+    code = "circuit_open"
+
+    def __init__(self, model: str, retry_after: float) -> None:
+        super().__init__(
+            f"model {model!r} is failing; its circuit breaker is open",
+            details={"model": model, "retry_after": round(retry_after, 3)},
+        )
+        self.model = model
+        self.retry_after = retry_after
+
+
+class RetryJob(Exception):  # noqa: N818 - a signal to the task, not an error of the job
+    """Ask the Celery task to retry the job after ``countdown`` seconds (the slot is freed)."""
+
+    def __init__(self, countdown: float, error: JobError) -> None:
+        super().__init__(error.message)
+        self.countdown = countdown
+        self.error = error
+
+
 class ProviderRequestError(JobError):
     """The provider rejected the request itself (4xx other than 429): retrying will not help."""
 

@@ -21,6 +21,20 @@ from worker.settings import describe_validation_error
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+class BreakerOverrides(BaseModel):
+    """Per-model breaker thresholds; unset ones come from the worker settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    failure_threshold: int | None = Field(default=None, ge=1)
+    failure_rate: float | None = Field(default=None, gt=0, le=1)
+    min_calls: int | None = Field(default=None, ge=1)
+    window_seconds: int | None = Field(default=None, ge=1)
+    recovery_seconds: float | None = Field(default=None, gt=0)
+    half_open_max_calls: int | None = Field(default=None, ge=1)
+    success_threshold: int | None = Field(default=None, ge=1)
+
+
 class ModelConfig(BaseModel):
     """One model alias: how to reach it through LiteLLM and what it costs."""
 
@@ -35,6 +49,8 @@ class ModelConfig(BaseModel):
     input_price_per_1k: float | None = Field(default=None, ge=0)
     output_price_per_1k: float | None = Field(default=None, ge=0)
     fallbacks: list[str] = Field(default_factory=list)
+    max_retries: int | None = Field(default=None, ge=0, le=20)
+    breaker: BreakerOverrides = Field(default_factory=lambda: BreakerOverrides())
 
 
 class VariantConfig(BaseModel):

@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -24,12 +25,18 @@ class Heartbeat:
     """A daemon thread that records this worker as alive every ``interval`` seconds."""
 
     def __init__(
-        self, client: redis.Redis, hostname: str, info: dict[str, Any], interval: float
+        self,
+        client: redis.Redis,
+        hostname: str,
+        info: dict[str, Any],
+        interval: float,
+        on_beat: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.hostname = hostname
         self.info = info
         self.interval = interval
+        self.on_beat = on_beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dspy-fleet-heartbeat", daemon=True)
 
@@ -47,6 +54,8 @@ class Heartbeat:
                 INFO_PREFIX + self.hostname, json.dumps(self.info), ex=int(self.interval * 3) + 1
             )
             pipe.execute()
+            if self.on_beat is not None:
+                self.on_beat()
         except redis.RedisError as exc:
             log.warning("heartbeat failed: %s", exc)
 

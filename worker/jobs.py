@@ -23,6 +23,7 @@ DONE_CHANNEL = "dspy_fleet:job_done"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 STATUSES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
 _JSON_FIELDS = ("outputs", "error", "cost")
+_FLOAT_FIELDS = ("retry_in_seconds",)
 _INT_FIELDS = ("attempts",)
 
 # Create the hash only if it does not exist, atomically, so two submissions of
@@ -49,6 +50,8 @@ return 1
 # KEYS: job, finished marker, [day hash]. ARGV: ttl, channel, job id, n, pairs, [day ttl, bill].
 _FINISH = """
 if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+-- Leftovers of earlier attempts; a failure writes its own error below.
+redis.call('HDEL', KEYS[1], 'error', 'retry_in_seconds')
 local n = tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + 2 * n))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
@@ -113,6 +116,9 @@ def decode(raw: Mapping[str, str]) -> dict[str, Any]:
     for key in _INT_FIELDS:
         if key in job:
             job[key] = int(job[key])
+    for key in _FLOAT_FIELDS:
+        if key in job:
+            job[key] = float(job[key])
     return job
 
 

@@ -74,8 +74,34 @@ def _retry_after(exc: Exception) -> float | None:
         return None
 
 
+def _from_dspy(exc: Exception) -> JobError | None:
+    """DSPy ≥ 3.4 wraps provider failures in its own LMError types, with status and Retry-After."""
+    from dspy.utils import exceptions as dx
+
+    if not isinstance(exc, dx.LMError):
+        return None
+    status = getattr(exc, "status", None)
+    retry_after = getattr(exc, "retry_after", None)
+    details = {"status_code": status} if status else {}
+    if isinstance(exc, dx.LMTimeoutError):
+        return ProviderTimeoutError(f"provider timed out: {_short(exc)}", status_code=status,
+                                    details=details)  # fmt: skip
+    if isinstance(exc, dx.LMRateLimitError | dx.LMServerError | dx.LMTransportError):
+        return ProviderError(
+            f"provider failed: {_short(exc)}", status_code=status,
+            retry_after=float(retry_after) if retry_after is not None else None, details=details,
+        )  # fmt: skip
+    if isinstance(exc, dx.LMProviderError):
+        return ProviderRequestError(f"provider rejected the request: {_short(exc)}",
+                                    details=details)  # fmt: skip
+    return None
+
+
 def map_provider_error(exc: Exception) -> JobError | None:
-    """Our error for an exception raised by a LiteLLM call, or None if it is not one."""
+    """Our error for an exception raised by an LM call, or None if it is not one."""
+    mapped = _from_dspy(exc)
+    if mapped is not None:
+        return mapped
     if isinstance(exc, litellm.exceptions.Timeout):
         return ProviderTimeoutError(f"provider timed out: {_short(exc)}", status_code=408)
     status = getattr(exc, "status_code", None)

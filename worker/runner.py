@@ -16,11 +16,19 @@ from pydantic import ValidationError
 from worker import ledger, metrics
 from worker.contract import JobMessage, utcnow
 from worker.cost import CostRecord, cost_usd, price_for
-from worker.errors import JobError, JobFailed, MessageValidationError, UnknownVariantError
+from worker.errors import (
+    JobError,
+    JobFailed,
+    MessageValidationError,
+    ProviderError,
+    RetryJob,
+    UnknownVariantError,
+)
 from worker.jobs import TERMINAL
 from worker.logs import log_context
-from worker.predict import Usage, as_job_error, call_program
+from worker.predict import Usage, as_job_error
 from worker.programs import LoadedProgram
+from worker.resilience import serve
 from worker.routing import Route, cache_key, resolve
 from worker.runtime import Runtime
 
@@ -139,60 +147,65 @@ def _run(rt: Runtime, msg: JobMessage, *, attempt: int, queue: str) -> dict[str,
 
 def _predict(rt: Runtime, msg: JobMessage, plan: Plan, attempt: int,
              meta: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    route = plan.route
-    dims = (route.model, route.variant or "none", route.program, msg.tenant)
     usage = Usage()
     started = time.perf_counter()
-
-    def compute() -> dict[str, Any]:
-        outputs = call_program(plan.program.module, rt.models.get(route.model), plan.inputs,
-                               plan.params, usage)  # fmt: skip
-        return {"outputs": outputs, "model": route.model, "program_version": plan.program.version,
-                "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-                "created_at": utcnow().isoformat()}  # fmt: skip
-
     metrics.ACTIVE.inc()
     try:
-        if msg.use_cache:
-            ttl = msg.cache_ttl or rt.settings.cache_ttl_seconds
-            entry, source = rt.cache.get_or_compute(plan.key, ttl, msg.job_id, compute)
-        else:
-            entry, source = compute(), "computed"
-    except BaseException as exc:
+        served = serve(rt, plan, msg, usage, attempt)
+    except RetryJob as retry:
+        rt.store.update(msg.job_id, {"status": "retrying", "attempts": attempt,
+                                     "error": retry.error.to_dict(),
+                                     "retry_in_seconds": retry.countdown})  # fmt: skip
+        log.warning(
+            "transient provider error; retrying in %.2fs (attempt %d)",
+            retry.countdown,
+            attempt,
+            extra={"status": "retrying", "error_code": retry.error.code},
+        )
+        raise
+    except Exception as exc:
         err = as_job_error(exc)
-        cost = _cost(rt, route, usage, started, attempt, entry=None)
+        route = plan.route
+        dims = (route.model, route.variant or "none", route.program, msg.tenant)
+        cost = _cost(rt, route.model, route.variant, usage, started, attempt, entry=None)
         _finish_failed(rt, msg.job_id, err, cost=cost, dims=dims)
-        if not isinstance(exc, Exception):
-            raise  # SystemExit and friends: recorded, then let Celery handle them
         raise JobFailed(err.to_dict()) from None
+    # Anything else (SystemExit on a hard shutdown) is not the job's fault: the job is
+    # left unfinished so that its redelivered message runs it again.
     finally:
         metrics.ACTIVE.dec()
-    cached = source != "computed"
-    cost = _cost(rt, route, usage, started, attempt, entry=entry if cached else None)
-    fields = {"status": "succeeded", "outputs": entry["outputs"], "cost": cost.to_dict(),
-              "finished_at": utcnow()}  # fmt: skip
+    model = served.model  # a fallback, maybe: the model that served is the one billed
+    cached = served.source != "computed"
+    cost = _cost(rt, model, plan.route.variant, usage, started, attempt,
+                 entry=served.entry if cached else None)  # fmt: skip
+    fields: dict[str, Any] = {"status": "succeeded", "outputs": served.entry["outputs"],
+                              "cost": cost.to_dict(), "finished_at": utcnow(), "model": model,
+                              "attempts": attempt}  # fmt: skip
+    if model != plan.route.model:
+        fields["requested_model"] = plan.route.model
+    dims = (model, plan.route.variant or "none", plan.route.program, msg.tenant)
     earlier = _finish(rt, msg.job_id, fields, dims)
     if earlier is not None:
         return earlier
     log.info(
         "prediction succeeded",
-        extra={"status": "succeeded", "latency_ms": cost.latency_ms,
-               "cache": source if cached else "miss", "input_tokens": cost.input_tokens,
+        extra={"status": "succeeded", "model": model, "latency_ms": cost.latency_ms,
+               "cache": served.source if cached else "miss", "input_tokens": cost.input_tokens,
                "output_tokens": cost.output_tokens, "cost_usd": cost.cost_usd},
     )  # fmt: skip
     return _envelope({**meta, **fields, "job_id": msg.job_id})
 
 
-def _cost(rt: Runtime, route: Route, usage: Usage, started: float, attempt: int,
-          entry: dict[str, Any] | None) -> CostRecord:  # fmt: skip
+def _cost(rt: Runtime, model: str, variant: str | None, usage: Usage, started: float,
+          attempt: int, entry: dict[str, Any] | None) -> CostRecord:  # fmt: skip
     """The job's cost record; ``entry`` is the cache entry when the answer was not computed."""
-    cfg = rt.config.models[route.model]
+    cfg = rt.config.models[model]
     latency = round((time.perf_counter() - started) * 1000, 2)
     price = price_for(cfg)
     record = CostRecord(
-        model=route.model, provider_model=cfg.litellm_model, input_tokens=usage.input_tokens,
+        model=model, provider_model=cfg.litellm_model, input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens, cost_usd=None, cached=entry is not None,
-        latency_ms=latency, attempts=attempt, variant=route.variant,
+        latency_ms=latency, attempts=attempt, variant=variant,
     )  # fmt: skip
     if entry is not None:
         record.saved_input_tokens = int(entry.get("input_tokens") or 0)
@@ -232,7 +245,8 @@ def _finish_failed(rt: Runtime, job_id: str, err: JobError, *, cost: CostRecord 
         log.warning("job was finished by another delivery; this failure is not recorded")
         return
     labels = dims or ("unknown", "none", "unknown", "")
-    metrics.ERRORS.labels(labels[0], err.code).inc()
+    if not isinstance(err, ProviderError):  # provider faults were counted as they happened
+        metrics.ERRORS.labels(labels[0], err.code).inc()
     _observe(labels, "failed", cost)
     log.warning(
         "prediction failed: %s", err.message,

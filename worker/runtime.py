@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 import redis
 
-from worker import catalog
+from worker import catalog, metrics
+from worker.breaker import STATES, BreakerBoard, BreakerPolicy, read_states
 from worker.cache import PredictionCache
+from worker.errors import ConfigError
 from worker.fleet_config import FleetConfig
 from worker.jobs import JobStore
 from worker.lm import ModelPool
@@ -30,6 +32,7 @@ class Runtime:
     store: JobStore
     redis: redis.Redis
     cache: PredictionCache
+    breakers: BreakerBoard
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -54,6 +57,7 @@ def build_runtime(settings: WorkerSettings, config: FleetConfig) -> Runtime:
         models=ModelPool(config),
         store=JobStore(client, settings.job_ttl_seconds),
         redis=client,
+        breakers=BreakerBoard(client, breaker_policies(settings, config)),
         cache=PredictionCache(
             cache_client,
             l1_max_entries=settings.l1_cache_entries,
@@ -63,6 +67,29 @@ def build_runtime(settings: WorkerSettings, config: FleetConfig) -> Runtime:
     )
     publish_catalog(rt)
     return rt
+
+
+def breaker_policies(settings: WorkerSettings, config: FleetConfig) -> dict[str, BreakerPolicy]:
+    """Each model's breaker thresholds: the settings' defaults, then the model's overrides."""
+    base = {f: getattr(settings, f"breaker_{f}") for f in BreakerPolicy.__dataclass_fields__}
+    policies = {}
+    for alias, model in config.models.items():
+        policy = BreakerPolicy(**{**base, **model.breaker.model_dump(exclude_none=True)})
+        if policy.success_threshold > policy.half_open_max_calls:
+            raise ConfigError(
+                f"models.{alias}.breaker: success_threshold must be <= half_open_max_calls"
+            )
+        policies[alias] = policy
+    return policies
+
+
+def on_heartbeat(rt: Runtime) -> None:
+    """Each beat: show the fleet's breaker states in this worker's gauges, and republish the
+    catalog (a restarted Redis may have lost it). Raises RedisError on an outage."""
+    states = read_states(rt.redis, list(rt.config.models))
+    for model, state in states.items():
+        metrics.BREAKER_STATE.labels(model).set(STATES.get(state, 0))
+    catalog.publish(rt.redis, rt.registry.catalog())
 
 
 def publish_catalog(rt: Runtime) -> None:

@@ -93,6 +93,27 @@ class WorkerSettings(CommonSettings):
     l1_cache_ttl_seconds: float = Field(default=300.0, ge=0)
     # Followers of a coalesced request wait at most this long for the leader.
     coalesce_lock_seconds: float = Field(default=60.0, gt=0)
+    # Circuit breakers (per model alias, shared through Redis; models may override).
+    breaker_failure_threshold: int = Field(default=5, ge=1)
+    breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_min_calls: int = Field(default=20, ge=1)
+    breaker_window_seconds: int = Field(default=60, ge=1)
+    breaker_recovery_seconds: float = Field(default=30.0, gt=0)
+    breaker_half_open_max_calls: int = Field(default=3, ge=1)
+    breaker_success_threshold: int = Field(default=2, ge=1)
+    # Retries of transient provider errors, through Celery (the slot is freed meanwhile).
+    max_retries: int = Field(default=3, ge=0, le=20)
+    retry_backoff_seconds: float = Field(default=0.5, gt=0)
+    retry_backoff_max_seconds: float = Field(default=30.0, gt=0)
+    # A provider asking to wait longer than this is not retried (fallbacks instead).
+    retry_after_max_seconds: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _breaker_can_close(self) -> WorkerSettings:
+        if self.breaker_success_threshold > self.breaker_half_open_max_calls:
+            # Otherwise a half-open breaker runs out of probes before it can close.
+            raise ValueError("breaker_success_threshold must be <= breaker_half_open_max_calls")
+        return self
 
     @cached_property
     def queue_list(self) -> list[str]:

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api import metrics
 from api.errors import error_body
 from api.services import services
+from worker.breaker import read_states
 from worker.contract import QUEUES
 from worker.heartbeat import live_workers
 
@@ -62,6 +63,12 @@ def ready() -> tuple[Response, int]:
             "ok": bool(workers) and not missing,
             "live": len(workers),
             "queues_without_workers": missing,
+        }
+        # Informational: an open breaker is a provider's outage, not ours. The
+        # service still answers (cache, fallbacks, fast failures), so it stays ready.
+        components["breakers"] = {
+            "ok": True,
+            "states": read_states(svc.redis, list(svc.config.models)),
         }
     except redis.RedisError as exc:
         components["redis"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -85,6 +85,9 @@ class MockLLMServer(ThreadingHTTPServer):
             self.requests_total = self.chat_completions = self.succeeded = self.failed = 0
             self.by_status: Counter[str] = Counter()
             self.by_model: Counter[str] = Counter()
+            # The latest answered chat requests with their times: tests measure
+            # retry spacing (e.g. that a 429's Retry-After was honoured) from it.
+            self.recent: deque[dict[str, Any]] = deque(maxlen=200)
             self.in_flight = getattr(self, "in_flight", 0)
 
     def stats(self) -> dict[str, Any]:
@@ -98,12 +101,14 @@ class MockLLMServer(ThreadingHTTPServer):
                 "by_status": dict(self.by_status),
                 "by_model": dict(self.by_model),
                 "in_flight": self.in_flight,
+                "recent": list(self.recent),
             }
 
     def record_chat(self, model: str | None, status: int) -> None:
         """Count one finished chat request."""
         with self.lock:
             self.by_status[str(status)] += 1
+            self.recent.append({"time": time.time(), "status": status, "model": model})
             if model:
                 self.by_model[model] += 1
             if status == 200:
