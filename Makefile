@@ -11,7 +11,7 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3.13 python3; do \
 	  command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 	  2>/dev/null && { echo $$p; break; }; done)
 
-.PHONY: help venv run test lint clean
+.PHONY: help venv run test lint clean test-tools exporter-venv
 
 help:
 	@echo "make run   - install into .venv and start Redis, mock LLM, worker and API (Ctrl-C stops)"
@@ -31,8 +31,36 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/dspy-fleet dev
 
-test: venv
+test: venv test-tools
 	$(BIN)/python -m pytest
+
+# celery-exporter (PyPI prometheus-exporter-celery) pins prometheus-client<0.22 and
+# redis<6, which conflict with ours: it gets its own venv. kombu 5.7 needs redis>=6.1,
+# hence the older Celery there.
+EXPORTER_VENV  := .venv-exporter
+EXPORTER_STAMP := $(EXPORTER_VENV)/.installed
+
+$(EXPORTER_STAMP):
+	@test -n "$(PYTHON)" || { echo "Python 3.11+ not found on PATH (set PYTHON=/path/to/python3.11)"; exit 1; }
+	@echo "creating $(EXPORTER_VENV) for celery-exporter ..."
+	$(PYTHON) -m venv $(EXPORTER_VENV)
+	$(EXPORTER_VENV)/bin/python -m pip install --quiet \
+	  'prometheus-exporter-celery==0.11.2' 'celery>=5.5.2,<5.6' 'kombu<5.6' packaging
+	@touch $@
+
+exporter-venv: $(EXPORTER_STAMP)
+
+# What the monitoring tests need besides .venv: promtool (Debian package `prometheus`,
+# installed where apt exists) and the exporter's venv. Fast no-op once present.
+test-tools: $(EXPORTER_STAMP)
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	    echo "installing promtool (Debian package prometheus) ..."; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	    || echo "could not install promtool; its tests will skip (and fail when CI=true)"; \
+	  else echo "no apt-get: install promtool yourself; its tests skip (fail when CI=true)"; fi; }
 
 lint: venv
 	$(BIN)/ruff check .
@@ -40,3 +68,36 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# --- deployment (Dockerfiles, compose, Helm chart) ---------------------------------
+# docker-build / compose-* need a Docker engine with the compose plugin; helm-install
+# needs a helm binary and a cluster. helm-lint / helm-template use the Helm library
+# from .venv (helm-python-sdk), so they run anywhere `make test` does.
+HELM_VALUES ?=
+HELM_RELEASE ?= dspy-fleet
+HELM_NAMESPACE ?= dspy-fleet
+IMAGE_TAG ?= local
+
+.PHONY: docker-build compose-up compose-down helm-lint helm-template helm-install
+
+docker-build:
+	docker build -f Dockerfile.api -t dspy-fleet-api:$(IMAGE_TAG) .
+	docker build -f Dockerfile.worker -t dspy-fleet-worker:$(IMAGE_TAG) .
+
+compose-up:
+	docker compose up -d --build --wait
+
+compose-down:
+	docker compose down
+
+helm-lint: venv
+	$(BIN)/python helm/chart.py lint
+	$(BIN)/python helm/chart.py lint -f helm/examples/values-production.yaml
+
+helm-template: venv
+	$(BIN)/python helm/chart.py template --name $(HELM_RELEASE) --namespace $(HELM_NAMESPACE) $(if $(HELM_VALUES),-f $(HELM_VALUES))
+
+helm-install:
+	@command -v helm >/dev/null || { echo "helm-install needs the helm binary (https://helm.sh) and a cluster"; exit 1; }
+	helm upgrade --install $(HELM_RELEASE) helm/dspy-fleet --namespace $(HELM_NAMESPACE) --create-namespace $(if $(HELM_VALUES),-f $(HELM_VALUES)) --wait
+	helm test $(HELM_RELEASE) --namespace $(HELM_NAMESPACE)

@@ -19,7 +19,7 @@ log = logging.getLogger("dspy_fleet.api")
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the API: defaults, then the environment (DSPY_FLEET_*), then ``test_config``."""
-    from api import errors, middleware, services
+    from api import errors, metrics, middleware, services
     from api.routes import catalog, predictions, system
     from api.settings import ApiSettings
     from worker.fleet_config import load_fleet_config
@@ -39,6 +39,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     app.config.update(overrides)
     services.init_app(app, settings, config)
+    metrics.init_app(app, settings.broker)
     middleware.init_app(app)
     errors.register_error_handlers(app)
     app.register_blueprint(system.bp)

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from typing import Any
 
 from api.settings import ApiSettings
+from worker.logs import CONTEXT_FIELDS, current_context
 from worker.settings import load_settings
 
 _settings = load_settings(ApiSettings)
 
 # Several gunicorn workers must report one set of metrics: prometheus-client's
-# multiprocess mode. The directory is set before any worker imports the client.
-_metrics_dir = os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="dspy-fleet-api-metrics-")
+# multiprocess mode. The directory is set here, in the master, before any worker
+# imports the client (it picks its value class at import). An operator's
+# directory (a volume under a read-only root FS) is used as given.
+_owns_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
+    prefix="dspy-fleet-api-metrics-"
 )
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 bind = f"{_settings.api_host}:{_settings.api_port}"
 workers = _settings.api_workers
@@ -29,6 +35,19 @@ graceful_timeout = int(_settings.max_wait_seconds) + 5
 keepalive = 5
 control_socket_disable = True
 accesslog = None  # the app logs each request itself, as JSON, with its request id
+
+
+class _LogFields(logging.Filter):
+    """gunicorn's own lines get the SPEC §5 fields too (null here), like every other line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = current_context()
+        for name in CONTEXT_FIELDS:
+            if not hasattr(record, name):
+                setattr(record, name, context.get(name))
+        return True
+
+
 logconfig_dict: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -40,10 +59,12 @@ logconfig_dict: dict[str, Any] = {
             "timestamp": True,
         }
     },
+    "filters": {"fields": {"()": _LogFields}},
     "handlers": {
         "stderr": {
             "class": "logging.StreamHandler",
             "formatter": "json",
+            "filters": ["fields"],
             "stream": "ext://sys.stderr",
         }
     },
@@ -57,12 +78,24 @@ logconfig_dict: dict[str, Any] = {
 
 def on_starting(server: Any) -> None:
     """Start every run with an empty metrics directory (stale files would add old counts)."""
-    shutil.rmtree(_metrics_dir, ignore_errors=True)
     os.makedirs(_metrics_dir, exist_ok=True)
+    # Only the *.db files: the directory itself may be a mount point.
+    for name in os.listdir(_metrics_dir):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(_metrics_dir, name))
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Let the multiprocess collector drop a dead worker's live gauges."""
+    """Let the multiprocess collector drop a dead worker's live gauges.
+
+    Its counters and histograms stay: the requests it answered did happen.
+    """
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(worker.pid, _metrics_dir)
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics directory when this master created it."""
+    if _owns_metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
+from worker import metrics_server
 from worker.celery_config import make_celery
 from worker.fleet_config import load_fleet_config
 from worker.logs import configure_logging
@@ -62,14 +63,16 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
         "pool": settings.pool,
         "concurrency": settings.concurrency,
     }
-    _heartbeat = Heartbeat(get_runtime().redis, hostname, info, settings.heartbeat_seconds)
-    _heartbeat.start()
-    if settings.metrics_port and settings.pool != "prefork":
-        # Under prefork every child would race for the port; multiprocess mode
-        # serving is set up separately for that pool.
-        from prometheus_client import start_http_server
+    from worker.runtime import on_heartbeat
 
-        start_http_server(settings.metrics_port)
+    rt = get_runtime()
+    _heartbeat = Heartbeat(
+        rt.redis, hostname, info, settings.heartbeat_seconds, on_beat=lambda: on_heartbeat(rt)
+    )
+    _heartbeat.start()
+    # worker_ready is sent in the main process only: exactly one metrics server,
+    # reading every pool child's samples from the multiprocess directory.
+    metrics_server.start(settings.metrics_port)
     log.info("worker ready", extra={"hostname": hostname, "queues": settings.queue_list})
 
 
@@ -77,3 +80,19 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
 def _stop_heartbeat(**_: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
+    metrics_server.stop()
+
+
+@signals.import_modules.connect
+def _prepare_metrics_dir(**_: Any) -> None:
+    # Sent by the worker before it imports the task modules, i.e. before
+    # prometheus_client is imported: the only moment multiprocess mode can be set.
+    if settings.metrics_port:
+        metrics_server.prepare()
+
+
+@signals.worker_process_shutdown.connect
+def _mark_child_dead(**_: Any) -> None:
+    # A prefork child leaving: its dspy_active_predictions must stop counting.
+    # (Children that die without this signal are pruned at scrape time.)
+    metrics_server.mark_dead(os.getpid())

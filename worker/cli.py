@@ -1,4 +1,4 @@
-"""The `dspy-fleet` command: api, worker, dev, mock-llm.
+"""The `dspy-fleet` command: api, worker, flower, dev, mock-llm.
 
 Heavy imports happen inside each command, so `dspy-fleet api` never loads dspy.
 """
@@ -64,6 +64,39 @@ def worker(celery_args: tuple[str, ...]) -> None:
         "--pool", settings.pool, "--concurrency", str(settings.concurrency),
         "--queues", ",".join(settings.queue_list), "--task-events",
         "--loglevel", settings.log_level, *celery_args,
+    ])  # fmt: skip
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--address", default="127.0.0.1", show_default=True, envvar="DSPY_FLEET_FLOWER_ADDRESS"
+)
+@click.option("--port", default=5555, show_default=True, envvar="DSPY_FLEET_FLOWER_PORT")
+@click.option(
+    "--basic-auth",
+    envvar="DSPY_FLEET_FLOWER_BASIC_AUTH",
+    default=None,
+    help="user:password[,user2:password2] (env DSPY_FLEET_FLOWER_BASIC_AUTH or FLOWER_BASIC_AUTH).",
+)
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower(address: str, port: int, basic_auth: str | None, flower_args: tuple[str, ...]) -> None:
+    """Run Flower (Celery's web monitor) against this fleet's broker; extra args go to Flower."""
+    from worker.settings import CommonSettings, load_settings
+
+    try:
+        settings = load_settings(CommonSettings)
+    except ConfigError as exc:
+        _fail(exc)
+    if basic_auth:
+        # Through the environment, not argv: `ps` shows argv to every user.
+        os.environ["FLOWER_BASIC_AUTH"] = basic_auth
+    if not os.environ.get("FLOWER_BASIC_AUTH") and not os.environ.get("FLOWER_AUTH"):
+        if settings.env == "production":
+            _fail(ConfigError("flower: production needs --basic-auth (or FLOWER_AUTH)"))
+        click.echo("dspy-fleet: Flower runs WITHOUT authentication (local mode)", err=True)
+    _exec([
+        "-m", "celery", "-A", "worker.celery_app", "flower",
+        f"--address={address}", f"--port={port}", *flower_args,
     ])  # fmt: skip
 
 

@@ -1,6 +1,11 @@
 """Every Prometheus metric the worker exports (SPEC §4), in one place.
 
 Labels are fixed and low-cardinality: never job ids or tenants.
+
+Served by worker/metrics_server.py in prometheus-client's multiprocess mode
+under every pool, so gauges say how to merge the pool processes' values:
+``livesum`` for work in flight (a dead child's share disappears), ``mostrecent``
+for a state every process observes (the breaker).
 """
 
 from __future__ import annotations

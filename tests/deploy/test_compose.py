@@ -122,6 +122,8 @@ def test_prometheus_rules_and_grafana_provisioning_match_the_mounts(
         for static in job.get("static_configs", []):
             for target in static["targets"]:
                 host, _, port = target.partition(":")
+                if host == "localhost" and job["job_name"] == "prometheus":
+                    host = "prometheus"  # Prometheus scraping itself, inside its container
                 assert host in services, f"{job['job_name']}: {target} is no compose service"
                 assert int(port) == ports[host], f"{job['job_name']}: {target}"
     grafana_mounts = {v.split(":")[1]: v.split(":")[0] for v in services["grafana"]["volumes"]}
