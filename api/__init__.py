@@ -19,8 +19,9 @@ log = logging.getLogger("dspy_fleet.api")
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the API: defaults, then the environment (DSPY_FLEET_*), then ``test_config``."""
-    from api import errors, metrics, middleware, services
+    from api import auth, errors, metrics, middleware, services
     from api.routes import catalog, predictions, system
+    from api.routes import config as config_routes
     from api.settings import ApiSettings
     from worker.fleet_config import load_fleet_config
     from worker.settings import load_settings
@@ -30,6 +31,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if not overrides.pop("keep_logging", False):
         configure_logging(settings.log_level, service="api")
     config = load_fleet_config(settings.config)
+    keyring = auth.keyring_from(settings)
 
     app = Flask(__name__)
     app.config.update(
@@ -41,9 +43,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     services.init_app(app, settings, config)
     metrics.init_app(app, settings.broker)
     middleware.init_app(app)
+    auth.init_app(app, keyring)
     errors.register_error_handlers(app)
     app.register_blueprint(system.bp)
     app.register_blueprint(predictions.bp)
     app.register_blueprint(catalog.bp)
+    app.register_blueprint(config_routes.bp)
     log.info("api ready to serve", extra={"env": settings.env, "programs": len(config.programs)})
     return app

@@ -19,6 +19,7 @@ class ApiError(Exception):
 
     status = 500
     code = "internal_error"
+    headers: dict[str, str] = {}
 
     def __init__(
         self, message: str, *, details: dict[str, Any] | None = None, code: str | None = None
@@ -102,7 +103,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
-        return _respond(exc.status, exc.code, exc.message, exc.details)
+        return _respond(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
     @app.errorhandler(FleetError)
     def _fleet_error(exc: FleetError) -> Response:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from worker.settings import CommonSettings
 
@@ -19,5 +19,7 @@ class ApiSettings(CommonSettings):
     max_wait_seconds: float = Field(default=60.0, ge=0, le=60)
     # A worker counts as live when it beat within this many seconds.
     worker_max_age_seconds: float = Field(default=15.0, gt=0)
+    # "tenant:sha256hex[:admin],..." (see api/auth.py); empty = open API (refused in production).
+    api_keys: SecretStr = Field(default=SecretStr(""))
     # How stale the API's copy of the worker-published program catalog may be.
     catalog_ttl_seconds: float = Field(default=2.0, ge=0)

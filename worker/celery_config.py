@@ -7,7 +7,9 @@ Celery app here. Never import dspy here.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -68,6 +70,10 @@ def celery_config(settings: CommonSettings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "enable_utc": True,
     }
+    if (broker_ssl := ssl_options(settings.broker)) is not None:
+        conf["broker_use_ssl"] = broker_ssl
+    if (backend_ssl := ssl_options(settings.backend)) is not None:
+        conf["redis_backend_use_ssl"] = backend_ssl
     if isinstance(settings, WorkerSettings):
         conf.update(
             worker_pool=settings.pool,
@@ -80,6 +86,26 @@ def celery_config(settings: CommonSettings) -> dict[str, Any]:
             worker_cancel_long_running_tasks_on_connection_loss=False,
         )
     return conf
+
+
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def ssl_options(url: str) -> dict[str, Any] | None:
+    """TLS options for a rediss:// URL (CA and client certs from its query), else None.
+
+    Celery refuses a rediss:// URL without them; certificates are verified unless
+    the URL says ``ssl_cert_reqs=none``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    opts: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[query.get("ssl_cert_reqs", "required")]}
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if key in query:
+            opts[key] = query[key]
+    return opts
 
 
 def make_celery(settings: CommonSettings, *, include: tuple[str, ...] = ()) -> Celery:

@@ -35,6 +35,7 @@ def main() -> None:
 @main.command()
 def api() -> None:
     """Serve the HTTP API under gunicorn (settings from DSPY_FLEET_* variables)."""
+    from api.auth import keyring_from
     from api.settings import ApiSettings
     from worker.fleet_config import load_fleet_config
     from worker.settings import load_settings
@@ -42,6 +43,7 @@ def api() -> None:
     try:
         settings = load_settings(ApiSettings)
         load_fleet_config(settings.config)
+        keyring_from(settings)
     except ConfigError as exc:
         _fail(exc)
     _exec(["-m", "gunicorn", "-c", "python:api.gunicorn_conf", "api:create_app()"])
@@ -114,6 +116,37 @@ def dev(api_port: int, mock_port: int, metrics_port: int, redis_url: str | None)
             api_port=api_port, mock_port=mock_port, metrics_port=metrics_port, redis_url=redis_url
         )
     )
+
+
+@main.group("api-key")
+def api_key() -> None:
+    """Make API keys for DSPY_FLEET_API_KEYS (only their hashes are stored)."""
+
+
+@api_key.command("new")
+@click.option("--tenant", required=True, help="Tenant the key belongs to ([A-Za-z0-9_.:-]).")
+@click.option("--admin", is_flag=True, help="An admin key sees every tenant's data.")
+def api_key_new(tenant: str, admin: bool) -> None:
+    """Print a new random key (give it to the client) and its DSPY_FLEET_API_KEYS entry."""
+    from api.auth import hash_key, new_key, parse_keys
+
+    key = new_key()
+    entry = f"{tenant}:{hash_key(key)}" + (":admin" if admin else "")
+    try:
+        parse_keys(entry)
+    except ConfigError as exc:
+        _fail(exc)
+    click.echo(f"key:   {key}")
+    click.echo(f"entry: {entry}")
+
+
+@api_key.command("hash")
+@click.argument("key")
+def api_key_hash(key: str) -> None:
+    """Print the SHA-256 of an existing key, as DSPY_FLEET_API_KEYS stores it."""
+    from api.auth import hash_key
+
+    click.echo(hash_key(key))
 
 
 def _register_mock_llm() -> None:

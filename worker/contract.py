@@ -8,11 +8,19 @@ optional fields only, and bump ``v`` for anything else. Never import dspy here.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 CONTRACT_VERSION = 1
 TASK_NAME = "dspy_fleet.predict"
@@ -27,6 +35,8 @@ FieldName = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z_]\w*$")
 ]
 Priority = Literal["interactive", "batch"]
+# Per-field size limit of inputs (characters); the body limit (413) caps the total.
+MAX_FIELD_CHARS = 100_000
 
 
 class LMParameters(BaseModel):
@@ -59,7 +69,7 @@ class PredictFields(BaseModel):
     )
     program: Name | None = Field(default=None, description="Registered program; default qa.")
     model: Name | None = Field(default=None, description="Model alias from the config.")
-    input: Annotated[str, StringConstraints(max_length=100_000)] | None = Field(
+    input: Annotated[str, StringConstraints(max_length=MAX_FIELD_CHARS)] | None = Field(
         default=None, description="Shorthand for a program with exactly one input field."
     )
     inputs: dict[FieldName, Any] | None = Field(
@@ -70,6 +80,17 @@ class PredictFields(BaseModel):
     cache_ttl: int | None = Field(default=None, ge=1, le=30 * 86400)
     variant: Name | None = None
     priority: Priority = "interactive"
+
+    @field_validator("inputs")
+    @classmethod
+    def _field_sizes(cls, inputs: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name, value in (inputs or {}).items():
+            size = len(value) if isinstance(value, str) else len(json.dumps(value, default=str))
+            if size > MAX_FIELD_CHARS:
+                raise ValueError(
+                    f"inputs.{name} is {size} characters; the limit is {MAX_FIELD_CHARS}"
+                )
+        return inputs
 
     @model_validator(mode="after")
     def _exactly_one_input_form(self) -> PredictFields:

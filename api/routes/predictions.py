@@ -9,6 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request
 from pydantic import ValidationError
 
+from api.auth import visible
 from api.errors import BadRequest, NotFound, ValidationFailed
 from api.services import services
 from api.views import job_view
@@ -146,7 +147,8 @@ def get_prediction(job_id: str) -> tuple[Response, int] | Response:
             details={"errors": [{"field": "wait", "message": "out of range"}]},
         )
     job = services().store.get(job_id)
-    if job is None or job.get("tenant", DEFAULT_TENANT) != (g.get("tenant") or DEFAULT_TENANT):
+    if job is None or not visible(job.get("tenant")):
+        # Another tenant's job is indistinguishable from one that does not exist.
         raise NotFound(f"no prediction with id {job_id!r}")
     resp, _ = _answer(job, wait)
     return resp, 200
