@@ -5,7 +5,6 @@ Each has an ``init_app`` (flaskr style) and lives in ``app.extensions``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any
@@ -59,11 +58,16 @@ class Services:
     ) -> tuple[dict[str, Any], bool]:
         """Record and enqueue a job once; a replayed idempotency key returns the existing job.
 
-        Returns (job record, created). Raises 503 broker_unavailable when Redis
-        refuses either step; then nothing was accepted and nothing is left behind.
+        Returns (job record, created). The job is accepted once its record, with a
+        copy of its message, is in Redis: if the publish then fails, the worker's
+        recovery sweep publishes it later (worker/recovery.py), so the answer is
+        still 202. If Redis refuses the record, 503 broker_unavailable: nothing was
+        accepted.
         """
         try:
-            created = self.store.create(message.job_id, record)
+            created = self.store.create(
+                message.job_id, record, message=message.model_dump(mode="json", exclude_none=True)
+            )
             if not created:
                 existing = self.store.get(message.job_id)
                 return existing or {**record, "job_id": message.job_id}, False
@@ -72,10 +76,8 @@ class Services:
         try:
             self.enqueue(message, request_id=request_id)
         except ServiceUnavailable:
-            # Not accepted: forget the record so a retry with the same key enqueues.
-            with contextlib.suppress(redis.RedisError):
-                self.store.delete(message.job_id)
-            raise
+            log.warning("job recorded but not published; the recovery sweep will publish it",
+                        extra={"job_id": message.job_id})  # fmt: skip
         job = jobs.decode(jobs.encode(record))  # the same strings a later GET reads
         return {**job, "job_id": message.job_id, "status": "queued"}, True
 
@@ -112,7 +114,7 @@ class Services:
         try:
             self.celery.send_task(
                 TASK_NAME,
-                kwargs=message.model_dump(mode="json"),
+                kwargs=message.model_dump(mode="json", exclude_none=True),
                 task_id=message.job_id,
                 queue=message.priority,
                 # The request id rides in the message headers into the worker's logs.

@@ -15,6 +15,7 @@ from celery import signals
 
 from worker import metrics_server
 from worker.celery_config import make_celery
+from worker.contract import TASK_NAME
 from worker.fleet_config import load_fleet_config
 from worker.logs import configure_logging
 from worker.settings import WorkerSettings, load_settings
@@ -67,13 +68,20 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
 
     rt = get_runtime()
     _heartbeat = Heartbeat(
-        rt.redis, hostname, info, settings.heartbeat_seconds, on_beat=lambda: on_heartbeat(rt)
-    )
+        rt.redis, hostname, info, settings.heartbeat_seconds,
+        on_beat=lambda: on_heartbeat(rt, _republish),
+    )  # fmt: skip
     _heartbeat.start()
     # worker_ready is sent in the main process only: exactly one metrics server,
     # reading every pool child's samples from the multiprocess directory.
     metrics_server.start(settings.metrics_port)
     log.info("worker ready", extra={"hostname": hostname, "queues": settings.queue_list})
+
+
+def _republish(job_id: str, message: dict[str, Any], queue: str, request_id: str | None) -> None:
+    """Publish a recovered job's message again, exactly as the API first did."""
+    app.send_task(TASK_NAME, kwargs=message, task_id=job_id, queue=queue,
+                  headers={"request_id": request_id})  # fmt: skip
 
 
 @signals.worker_shutdown.connect

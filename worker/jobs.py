@@ -19,10 +19,12 @@ from worker import ledger
 
 KEY_PREFIX = "dspy_fleet:job:"
 FINISHED_PREFIX = "dspy_fleet:finished:"
+# Jobs accepted but not finished, scored by when they were accepted.
+PENDING_KEY = "dspy_fleet:pending"
 DONE_CHANNEL = "dspy_fleet:job_done"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 STATUSES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
-_JSON_FIELDS = ("outputs", "error", "cost")
+_JSON_FIELDS = ("outputs", "error", "cost", "message")
 _FLOAT_FIELDS = ("retry_in_seconds",)
 _INT_FIELDS = ("attempts",)
 
@@ -35,11 +37,16 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local n = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3, 2 + 2 * n))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-if #KEYS == 3 then
+if #KEYS == 4 then
   local b = 3 + 2 * n
   redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
-  for i = b + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) end
-  redis.call('EXPIRE', KEYS[3], ARGV[b])
+  for i = b + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', KEYS[4], ARGV[b])
+else
+  -- Until it finishes, the job is watched for a lost message (worker/recovery.py).
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[3], tonumber(t[1]) + tonumber(t[2]) / 1e6,
+            redis.call('HGET', KEYS[1], 'job_id'))
 end
 return 1
 """
@@ -50,15 +57,17 @@ return 1
 # KEYS: job, finished marker, [day hash]. ARGV: ttl, channel, job id, n, pairs, [day ttl, bill].
 _FINISH = """
 if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
--- Leftovers of earlier attempts; a failure writes its own error below.
-redis.call('HDEL', KEYS[1], 'error', 'retry_in_seconds')
+-- Leftovers of earlier attempts (a failure writes its own error below), and the
+-- copy of the message kept for recovery: a finished job needs neither.
+redis.call('HDEL', KEYS[1], 'error', 'retry_in_seconds', 'message')
+redis.call('ZREM', KEYS[3], ARGV[3])
 local n = tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + 2 * n))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-if #KEYS == 3 then
+if #KEYS == 4 then
   local b = 5 + 2 * n
-  for i = b + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) end
-  redis.call('EXPIRE', KEYS[3], ARGV[b])
+  for i = b + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', KEYS[4], ARGV[b])
 end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
@@ -138,14 +147,21 @@ class JobStore:
         return KEY_PREFIX + job_id
 
     def create(
-        self, job_id: str, fields: Mapping[str, Any], bill: ledger.Bill | None = None
+        self,
+        job_id: str,
+        fields: Mapping[str, Any],
+        bill: ledger.Bill | None = None,
+        message: Mapping[str, Any] | None = None,
     ) -> bool:
         """Record a job (queued unless ``fields`` says otherwise; finished and billed if ``bill``).
 
-        False when the job id already exists (an idempotent replay): nothing changes.
+        ``message`` (the v1 kwargs) is kept until the job finishes, so that a message
+        the broker lost can be published again. False when the job id already
+        exists (an idempotent replay): nothing changes.
         """
-        pairs = _pairs({"job_id": job_id, "status": "queued", **fields})
-        keys = [self.key(job_id), FINISHED_PREFIX + job_id]
+        extra = {"message": dict(message)} if message is not None else {}
+        pairs = _pairs({"job_id": job_id, "status": "queued", **fields, **extra})
+        keys = [self.key(job_id), FINISHED_PREFIX + job_id, PENDING_KEY]
         argv: list[Any] = [self.ttl, len(pairs) // 2, *pairs]
         if bill is not None:
             keys.append(bill.key)
@@ -183,7 +199,7 @@ class JobStore:
         concurrent copy of its message): then nothing was written or billed.
         """
         pairs = _pairs(fields)
-        keys = [self.key(job_id), FINISHED_PREFIX + job_id]
+        keys = [self.key(job_id), FINISHED_PREFIX + job_id, PENDING_KEY]
         argv: list[Any] = [self.ttl, DONE_CHANNEL, job_id, len(pairs) // 2, *pairs]
         if bill is not None:
             keys.append(bill.key)

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from worker import ledger, metrics
@@ -163,6 +164,8 @@ def _predict(rt: Runtime, msg: JobMessage, plan: Plan, attempt: int,
             extra={"status": "retrying", "error_code": retry.error.code},
         )
         raise
+    except redis.RedisError:
+        raise  # our infrastructure failed, not the job: the task hands the message back
     except Exception as exc:
         err = as_job_error(exc)
         route = plan.route

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker import catalog, metrics
+from worker import catalog, metrics, recovery
 from worker.breaker import STATES, BreakerBoard, BreakerPolicy, read_states
 from worker.cache import PredictionCache
 from worker.errors import ConfigError
@@ -83,13 +83,20 @@ def breaker_policies(settings: WorkerSettings, config: FleetConfig) -> dict[str,
     return policies
 
 
-def on_heartbeat(rt: Runtime) -> None:
-    """Each beat: show the fleet's breaker states in this worker's gauges, and republish the
-    catalog (a restarted Redis may have lost it). Raises RedisError on an outage."""
+def on_heartbeat(rt: Runtime, republish: recovery.Publish) -> None:
+    """Each beat: show the fleet's breaker states in this worker's gauges, republish the
+    catalog (a restarted Redis may have lost it) and sweep for lost job messages.
+    Raises RedisError on an outage."""
     states = read_states(rt.redis, list(rt.config.models))
     for model, state in states.items():
         metrics.BREAKER_STATE.labels(model).set(STATES.get(state, 0))
     catalog.publish(rt.redis, rt.registry.catalog())
+    recovery.sweep(
+        rt.redis,
+        republish,
+        lost_after=rt.settings.recovery_after_seconds,
+        interval=rt.settings.heartbeat_seconds,
+    )
 
 
 def publish_catalog(rt: Runtime) -> None:

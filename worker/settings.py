@@ -105,6 +105,8 @@ class WorkerSettings(CommonSettings):
     max_retries: int = Field(default=3, ge=0, le=20)
     retry_backoff_seconds: float = Field(default=0.5, gt=0)
     retry_backoff_max_seconds: float = Field(default=30.0, gt=0)
+    # An accepted job still "queued" this long, and nowhere in the broker, is republished.
+    recovery_after_seconds: float = Field(default=120.0, ge=1)
     # A provider asking to wait longer than this is not retried (fallbacks instead).
     retry_after_max_seconds: float = Field(default=120.0, gt=0)
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import redis
+from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
 
 from worker.celery_app import app, get_runtime
 from worker.contract import TASK_NAME
 from worker.errors import JobFailed, RetryJob
 from worker.runner import execute
+
+log = logging.getLogger("dspy_fleet.worker")
 
 
 # JobFailed is an expected outcome (logged by the runner with its code), not a crash:
@@ -30,4 +37,20 @@ def predict(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         )
     except RetryJob as exc:
         # A new message with a countdown: this worker slot is free while it waits.
-        raise self.retry(countdown=exc.countdown, exc=exc, max_retries=None) from None
+        try:
+            raise self.retry(countdown=exc.countdown, exc=exc, max_retries=None) from None
+        except (redis.RedisError, OperationalError) as infra:
+            raise _give_back(infra) from None
+    except (redis.RedisError, OperationalError) as infra:
+        raise _give_back(infra) from None
+
+
+def _give_back(exc: Exception) -> Reject:
+    """Redis failed under the job (not the job's fault): hand its message back, don't ack it.
+
+    Acknowledging here would lose the job while its record still says "running".
+    A requeue that cannot reach Redis leaves the message unacknowledged, and Redis
+    redelivers it after the visibility timeout; either way the job runs again.
+    """
+    log.warning("Redis failed during a job; handing the message back: %s", exc)
+    return Reject(str(exc), requeue=True)
