@@ -11,11 +11,12 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3.13 python3; do \
 	  command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 	  2>/dev/null && { echo $$p; break; }; done)
 
-.PHONY: help venv run test lint clean test-tools exporter-venv
+.PHONY: help venv run test chaos lint clean test-tools exporter-venv
 
 help:
 	@echo "make run   - install into .venv and start Redis, mock LLM, worker and API (Ctrl-C stops)"
 	@echo "make test  - install into .venv and run the whole test suite against real services"
+	@echo "make chaos - only the chaos suite (worker kills, Redis restart, provider outage)"
 	@echo "make lint  - ruff check and format check"
 
 $(STAMP): pyproject.toml
@@ -31,7 +32,7 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/dspy-fleet dev
 
-test: venv test-tools
+test: venv test-tools bench-tools
 	$(BIN)/python -m pytest
 
 # celery-exporter (PyPI prometheus-exporter-celery) pins prometheus-client<0.22 and
@@ -61,6 +62,18 @@ test-tools: $(EXPORTER_STAMP)
 	      $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
 	    || echo "could not install promtool; its tests will skip (and fail when CI=true)"; \
 	  else echo "no apt-get: install promtool yourself; its tests skip (fail when CI=true)"; fi; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	    echo "installing chromium (renders /docs in tests/clients) ..."; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+	    || echo "could not install chromium; the /docs test will skip (and fail when CI=true)"; \
+	  else echo "no apt-get: install chromium yourself; the /docs test skips (fails when CI=true)"; fi; }
+
+# The chaos suite alone, with its figures printed (make test runs it too).
+chaos: venv test-tools
+	$(BIN)/python -m pytest tests/chaos -s -p no:cacheprovider
 
 lint: venv
 	$(BIN)/ruff check .
@@ -101,3 +114,25 @@ helm-install:
 	@command -v helm >/dev/null || { echo "helm-install needs the helm binary (https://helm.sh) and a cluster"; exit 1; }
 	helm upgrade --install $(HELM_RELEASE) helm/dspy-fleet --namespace $(HELM_NAMESPACE) --create-namespace $(if $(HELM_VALUES),-f $(HELM_VALUES)) --wait
 	helm test $(HELM_RELEASE) --namespace $(HELM_NAMESPACE)
+
+# --- benchmarks (bench/) -----------------------------------------------------------
+# Each run starts its own Redis, mock LLM, workers and APIs (ours and bare baselines) on
+# free ports and prints one line per figure. Load comes from wrk (Debian package, installed
+# where apt exists); without it bench/ falls back to a slower Python client.
+.PHONY: bench bench-quick bench-tools
+
+bench-tools:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	    echo "installing wrk (Debian package) ..."; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      $$SUDO apt-get install -y -qq --no-install-recommends wrk >/dev/null \
+	    || echo "could not install wrk; bench/ uses its Python load generator"; \
+	  else echo "no apt-get: bench/ uses its Python load generator (install wrk for steadier rates)"; fi; }
+
+bench: venv bench-tools
+	$(BIN)/python -m bench
+
+bench-quick: venv bench-tools
+	$(BIN)/python -m bench --quick

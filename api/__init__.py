@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
-
-from flask import Flask
+from typing import TYPE_CHECKING, Any
 
 from worker.logs import configure_logging
+
+if TYPE_CHECKING:  # the SDK (api.client) must import without Flask installed
+    from flask import Flask
 
 log = logging.getLogger("dspy_fleet.api")
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the API: defaults, then the environment (DSPY_FLEET_*), then ``test_config``."""
-    from api import auth, errors, metrics, middleware, services
-    from api.routes import catalog, predictions, system
+    from flask import Flask
+
+    from api import auth, errors, metrics, middleware, openapi, services
+    from api import batches as batch_store
+    from api.routes import batches, catalog, predictions, system
     from api.routes import config as config_routes
     from api.settings import ApiSettings
     from worker.fleet_config import load_fleet_config
@@ -42,12 +46,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config.update(overrides)
     services.init_app(app, settings, config)
     metrics.init_app(app, settings.broker)
+    batch_store.init_app(app, settings)
     middleware.init_app(app)
     auth.init_app(app, keyring)
     errors.register_error_handlers(app)
     app.register_blueprint(system.bp)
     app.register_blueprint(predictions.bp)
     app.register_blueprint(catalog.bp)
+    app.register_blueprint(batches.bp)
+    app.register_blueprint(openapi.bp)
     app.register_blueprint(config_routes.bp)
     log.info("api ready to serve", extra={"env": settings.env, "programs": len(config.programs)})
     return app

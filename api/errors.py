@@ -52,6 +52,13 @@ class NotFound(ApiError):
     code = "not_found"
 
 
+class Conflict(ApiError):
+    """The request clashes with the resource's state (e.g. cancelling a running job)."""
+
+    status = 409
+    code = "conflict"
+
+
 class ServiceUnavailable(ApiError):
     """A dependency (Redis, the broker) is down; the request was not accepted."""
 

@@ -21,5 +21,7 @@ class ApiSettings(CommonSettings):
     worker_max_age_seconds: float = Field(default=15.0, gt=0)
     # "tenant:sha256hex[:admin],..." (see api/auth.py); empty = open API (refused in production).
     api_keys: SecretStr = Field(default=SecretStr(""))
+    # Items one POST /v1/batches may hold (the body limit applies too).
+    max_batch_items: int = Field(default=10_000, ge=1, le=100_000)
     # How stale the API's copy of the worker-published program catalog may be.
     catalog_ttl_seconds: float = Field(default=2.0, ge=0)

@@ -157,5 +157,14 @@ def _register_mock_llm() -> None:
 
 _register_mock_llm()
 
+
+def _register_submit() -> None:
+    from worker.submit_cli import command
+
+    main.add_command(command, "submit")
+
+
+_register_submit()
+
 if __name__ == "__main__":
     main()

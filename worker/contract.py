@@ -62,7 +62,17 @@ class LMParameters(BaseModel):
 class PredictFields(BaseModel):
     """What a caller may ask of one prediction (HTTP body and queue message alike)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # "Exactly one of input (a string) or inputs (an object)", said in JSON Schema too,
+    # so the OpenAPI document describes what the API really accepts.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["input"], "properties": {"input": {"type": "string"}}},
+                {"required": ["inputs"], "properties": {"inputs": {"type": "object"}}},
+            ]
+        },
+    )
 
     request_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = Field(
         default=None, description="Idempotency key: the same key from a tenant is the same job."

@@ -79,7 +79,7 @@ def read_costs(
     client: redis.Redis, since: date, until: date, tenant: str | None = None
 ) -> dict[str, Any]:
     """Totals and breakdowns by model, variant, program, tenant and day (``tenant`` filters)."""
-    days = [since + timedelta(n) for n in range((until - since).days + 1)]
+    days = [since + timedelta(n) for n in range(max(0, (until - since).days + 1))]
     pipe = client.pipeline(transaction=False)
     for day in days:
         pipe.hgetall(DAY_PREFIX + day.isoformat())

@@ -1,4 +1,4 @@
-"""POST /v1/predict and GET /v1/predictions/<id>."""
+"""POST /v1/predict, GET /v1/predictions/<id> and DELETE /v1/predictions/<id> (cancel)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from flask import Blueprint, Response, g, jsonify, request
 from pydantic import ValidationError
 
 from api.auth import visible
-from api.errors import BadRequest, NotFound, ValidationFailed
+from api.errors import BadRequest, Conflict, NotFound, ValidationFailed
 from api.services import services
 from api.views import job_view
 from api.waiter import JobWaiter
@@ -152,3 +152,26 @@ def get_prediction(job_id: str) -> tuple[Response, int] | Response:
         raise NotFound(f"no prediction with id {job_id!r}")
     resp, _ = _answer(job, wait)
     return resp, 200
+
+
+@bp.delete("/predictions/<job_id>")
+def cancel_prediction(job_id: str) -> Response:
+    """Cancel a job that is still queued (or waiting to retry); 409 once it runs or ended."""
+    from api.batches import cancel_job
+
+    svc = services()
+    job = svc.store.get(job_id)
+    if job is None or not visible(job.get("tenant")):
+        raise NotFound(f"no prediction with id {job_id!r}")
+    outcome = cancel_job(svc.redis, svc.settings.job_ttl_seconds, job_id)
+    if outcome == "missing":
+        raise NotFound(f"no prediction with id {job_id!r}")
+    if outcome != "cancelled":
+        # A running job is not interrupted (a thread cannot be, and its tokens are spent).
+        raise Conflict(
+            f"prediction {job_id!r} is {outcome} and can no longer be cancelled",
+            code="not_cancellable",
+            details={"status": outcome},
+        )
+    log.info("job cancelled", extra={"job_id": job_id, "status": "cancelled"})
+    return jsonify(job_view(svc.store.get(job_id) or {**job, "status": "cancelled"}))
