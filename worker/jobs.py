@@ -173,10 +173,6 @@ class JobStore:
         raw = self.client.hgetall(self.key(job_id))
         return {"job_id": job_id, **decode(raw)} if raw else None
 
-    def delete(self, job_id: str) -> None:
-        """Forget a job that was never enqueued (the broker refused it)."""
-        self.client.delete(self.key(job_id))
-
     def start(
         self, job_id: str, metadata: Mapping[str, Any], updates: Mapping[str, Any]
     ) -> str | None:
