@@ -19,8 +19,8 @@ from api.errors import ServiceUnavailable
 from api.settings import ApiSettings
 from worker import jobs, ledger
 from worker.catalog import CatalogReader
-from worker.celery_config import make_celery
-from worker.contract import TASK_NAME, JobMessage, utcnow
+from worker.celery_config import make_celery, send_job
+from worker.contract import JobMessage, utcnow
 from worker.cost import CostRecord, cost_usd, price_for
 from worker.fleet_config import FleetConfig
 from worker.jobs import JobStore
@@ -112,13 +112,12 @@ class Services:
     def enqueue(self, message: JobMessage, *, request_id: str | None) -> None:
         """Publish the job message by task name; 503 broker_unavailable if the broker is down."""
         try:
-            self.celery.send_task(
-                TASK_NAME,
-                kwargs=message.model_dump(mode="json", exclude_none=True),
-                task_id=message.job_id,
+            send_job(
+                self.celery,
+                message.model_dump(mode="json", exclude_none=True),
+                job_id=message.job_id,
                 queue=message.priority,
-                # The request id rides in the message headers into the worker's logs.
-                headers={"request_id": request_id},
+                request_id=request_id,
             )
         except (OperationalError, redis.RedisError, OSError) as exc:
             raise _broker_unavailable(exc) from None

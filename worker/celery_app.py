@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 
 from worker import metrics_server
-from worker.celery_config import make_celery
-from worker.contract import TASK_NAME
+from worker.celery_config import make_celery, send_job
 from worker.fleet_config import load_fleet_config
 from worker.logs import configure_logging
 from worker.settings import WorkerSettings, load_settings
@@ -80,8 +79,7 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
 
 def _republish(job_id: str, message: dict[str, Any], queue: str, request_id: str | None) -> None:
     """Publish a recovered job's message again, exactly as the API first did."""
-    app.send_task(TASK_NAME, kwargs=message, task_id=job_id, queue=queue,
-                  headers={"request_id": request_id})  # fmt: skip
+    send_job(app, message, job_id=job_id, queue=queue, request_id=request_id)
 
 
 @signals.worker_shutdown.connect

@@ -113,3 +113,18 @@ def make_celery(settings: CommonSettings, *, include: tuple[str, ...] = ()) -> C
     app = Celery(APP_NAME, include=list(include), set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
+
+
+def send_job(
+    app: Celery,
+    kwargs: dict[str, Any],
+    *,
+    job_id: str,
+    queue: str,
+    request_id: str | None,
+    **options: Any,
+) -> None:
+    """Publish one contract-v1 job message: by task name, task id = job id, request id in the
+    headers (it rides into the worker's logs). The one way every producer here publishes."""
+    app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=queue,
+                  headers={"request_id": request_id}, **options)  # fmt: skip

@@ -22,10 +22,9 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from pydantic import Field, StringConstraints
 
-from worker.celery_config import make_celery
+from worker.celery_config import make_celery, send_job
 from worker.contract import (
     DEFAULT_TENANT,
-    TASK_NAME,
     JobMessage,
     PredictFields,
     Priority,
@@ -142,12 +141,12 @@ class Publisher:
                 producer.batch(max_size=4 * len(fresh) + 8),
             ):
                 for msg in fresh:
-                    self.celery.send_task(
-                        TASK_NAME,
-                        kwargs=msg.model_dump(mode="json", exclude_none=True),
-                        task_id=msg.job_id,
+                    send_job(
+                        self.celery,
+                        msg.model_dump(mode="json", exclude_none=True),
+                        job_id=msg.job_id,
                         queue=msg.priority,
-                        headers={"request_id": request_id},
+                        request_id=request_id,
                         producer=producer,
                         # Celery would saferepr() the kwargs of every message (a third of
                         # the push time) just for Flower's display; the job id says enough.
