@@ -287,6 +287,11 @@ def test_costs_equal_the_sum_of_job_records(stack: Stack, mock: MockLLM) -> None
     ids.append(stack.send(input=f"ledger {tenant} uncached", tenant=tenant, use_cache=False))
     for job_id in ids:
         stack.record(job_id)
+    # Retries: two transient provider errors, then success on the third attempt.
+    mock.set_faults(fail_next=2, error_status=503)
+    retried = stack.send(input=f"ledger {tenant} retried", tenant=tenant, use_cache=False)
+    assert stack.record(retried)["attempts"] == 3
+    ids.append(retried)
 
     # Forced redelivery: the same message delivered again after the job finished.
     again = stack.send(input=f"ledger {tenant} What is 0+1?", tenant=tenant, job_id=ids[0])
@@ -304,12 +309,14 @@ def test_costs_equal_the_sum_of_job_records(stack: Stack, mock: MockLLM) -> None
     redelivered = stack.record(crashed, timeout=60)
     assert redelivered["status"] == "succeeded"
     ids.append(crashed)
-    assert mock.stats()["chat_completions"] >= 2 + 5 + 1  # the crashed call was made twice
+    # 5 distinct questions, the uncached one, 3 attempts of the retried one, the crashed
+    # one twice (it was running when killed).
+    assert mock.stats()["chat_completions"] >= 5 + 1 + 3 + 2
 
     time.sleep(1)  # let the duplicate delivery of ids[0] be consumed (and ignored)
     records = [stack.record(i)["cost"] for i in ids]
     costs = stack.http.get("/costs").json()["by_tenant"][tenant]
-    assert costs["requests"] == len(ids) == 14
+    assert costs["requests"] == len(ids) == 15
     assert costs["cached"] == sum(r["cached"] for r in records) == 7
     assert costs["input_tokens"] == sum(r["input_tokens"] for r in records)
     assert costs["output_tokens"] == sum(r["output_tokens"] for r in records)
