@@ -207,3 +207,20 @@ def test_rejected_requests_leave_no_job_behind(api_client: httpx.Client, redis_s
     for body in ({"input": "a", "model": "gpt-99"}, {"input": 5}, {"input": "a", "wait": 99}):
         assert api_client.post("/v1/predict", json=body).status_code in (404, 422)
     assert job_keys() == before
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "since=0001-01-01&until=0001-01-01",
+        "until=0001-01-02",
+        "since=9999-12-31",
+        "until=9999-12-31",
+        "since=2026-01-01&until=2025-01-01",
+    ],  # fmt: skip
+)
+def test_costs_date_edges_are_answered(api_client: httpx.Client, query: str) -> None:
+    # Found by the fuzzer: date arithmetic at the ends of the calendar once answered 500.
+    resp = api_client.get(f"/costs?{query}")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["since"] and resp.json()["until"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
-from worker import metrics_server
+from worker import kombu_patch, metrics_server
 from worker.celery_config import make_celery, send_job
 from worker.fleet_config import load_fleet_config
 from worker.logs import configure_logging
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dspy_fleet.worker")
 
+kombu_patch.install()
 settings = load_settings(WorkerSettings)
 fleet_config = load_fleet_config(settings.config)
 app = make_celery(settings, include=("worker.tasks",))

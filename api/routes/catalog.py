@@ -51,6 +51,11 @@ def programs() -> Response:
     )
 
 
+def _days_before(day: date, n: int) -> date:
+    """``day`` minus ``n`` days, never before the first representable date."""
+    return day - timedelta(days=n) if (day - date.min).days >= n else date.min
+
+
 def _day(name: str, default: date) -> date:
     raw = request.args.get(name)
     if raw is None:
@@ -69,9 +74,9 @@ def costs() -> Response:
     """Cost and token totals from the fleet's aggregates, with breakdowns; ?since=&until=."""
     today = datetime.now(UTC).date()
     until = _day("until", today)
-    since = _day("since", until - timedelta(days=29))
+    since = _day("since", _days_before(until, 29))
     # At most MAX_COST_DAYS days are read (the answer's "since" says where it starts);
     # since after until is an empty range.
-    since = max(since, until - timedelta(days=MAX_COST_DAYS - 1))
+    since = max(since, _days_before(until, MAX_COST_DAYS - 1))
     tenant = g.get("tenant_filter")  # set by auth: a tenant only sees its own costs
     return jsonify(ledger.read_costs(services().redis, since, until, tenant=tenant))

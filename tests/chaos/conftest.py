@@ -78,6 +78,10 @@ class ChaosStack:
                 return st
             time.sleep(0.5)
 
+    def all_job_ids(self) -> list[str]:
+        """Every job recorded in this Redis."""
+        return [k.removeprefix("dspy_fleet:job:") for k in self.redis.scan_iter("dspy_fleet:job:*")]
+
     def records(self, ids: list[str]) -> list[dict[str, Any]]:
         store = JobStore(self.redis, 3600)
         return [store.get(i) or {} for i in ids]
