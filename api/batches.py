@@ -183,7 +183,9 @@ class Batches:
         self.store = BatchStore(client, settings.job_ttl_seconds)
         # Its own Celery app: the publisher turns off redis-py's retries so that kombu can
         # pipeline (the API's shared app keeps them for single publishes).
-        self.publisher = Publisher(make_celery(settings), client, settings.job_ttl_seconds)
+        self.publisher = Publisher(
+            make_celery(settings, publisher=True), client, settings.job_ttl_seconds
+        )
 
 
 def init_app(app: Flask, settings: ApiSettings) -> None:

@@ -51,7 +51,7 @@ class Services:
                                       socket_timeout=1, socket_connect_timeout=1)
         )  # fmt: skip
         self.catalog = CatalogReader(self.redis, settings.catalog_ttl_seconds)
-        self.celery: Celery = make_celery(settings)
+        self.celery: Celery = make_celery(settings, publisher=True)
 
     def submit(
         self, message: JobMessage, record: dict[str, Any], *, request_id: str | None

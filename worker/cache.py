@@ -131,10 +131,12 @@ class PredictionCache:
                 # No lock service (Redis down) means no coalescing, not no answer.
                 try:
                     entry = compute()
+                    # Stored before the lock is released: a follower that takes the
+                    # lock next must find the entry, not call the model again.
+                    self.set(key, entry, ttl)
                 finally:
                     if leader:
                         self._release_lock(key, owner)
-                self.set(key, entry, ttl)
                 return entry, "computed"
             time.sleep(pause)
             pause = min(pause * 2, 0.1)

@@ -108,10 +108,23 @@ def ssl_options(url: str) -> dict[str, Any] | None:
     return opts
 
 
-def make_celery(settings: CommonSettings, *, include: tuple[str, ...] = ()) -> Celery:
-    """A Celery app named dspy_fleet configured from these settings."""
+def make_celery(
+    settings: CommonSettings, *, include: tuple[str, ...] = (), publisher: bool = False
+) -> Celery:
+    """A Celery app named dspy_fleet configured from these settings.
+
+    ``publisher=True`` is for processes that only publish jobs and read outcomes from
+    the job store (the API, the SDK producer): without a result backend, send_task
+    does not subscribe to each task's result channel (a round-trip and a pub/sub
+    subscription per published job, for nothing). Workers still store results.
+    """
     app = Celery(APP_NAME, include=list(include), set_as_current=False)
-    app.conf.update(celery_config(settings))
+    conf = celery_config(settings)
+    if publisher:
+        conf.pop("result_backend")
+        conf.pop("result_backend_transport_options")
+        conf.pop("redis_backend_use_ssl", None)
+    app.conf.update(conf)
     return app
 
 

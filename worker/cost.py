@@ -50,7 +50,9 @@ def price_for(model: ModelConfig, *, use_litellm_map: bool = True) -> Price | No
         return Price(model.input_price_per_1k / 1000, model.output_price_per_1k / 1000)
     if not use_litellm_map:
         return None
-    from worker.dspy_env import litellm  # the API never reaches this branch
+    from worker.dspy_env import litellm_module  # the API never reaches this branch
+
+    litellm = litellm_module()
 
     name = model.litellm_model
     for key in (name, name.split("/", 1)[-1]):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
-from worker.dspy_env import dspy, litellm
+from worker.dspy_env import dspy, litellm_module
 from worker.errors import (
     ConfigError,
     JobError,
@@ -50,8 +51,11 @@ class ModelPool:
             api_key = os.environ.get(cfg.api_key_env)
             if not api_key:
                 raise ConfigError(f"models.{alias}.api_key_env: ${cfg.api_key_env} is not set")
+        if cfg.engine == "litellm":
+            litellm_module()  # configured (quiet, offline price map) before dspy loads it
         return dspy.LM(
             cfg.litellm_model,
+            engine=cfg.engine,
             api_base=cfg.api_base,
             # OpenAI-compatible servers without auth still want a non-empty key.
             api_key=api_key or "unused",
@@ -102,6 +106,9 @@ def map_provider_error(exc: Exception) -> JobError | None:
     mapped = _from_dspy(exc)
     if mapped is not None:
         return mapped
+    if "litellm" not in sys.modules:
+        return None  # nothing below can match: litellm was never loaded
+    litellm = litellm_module()
     if isinstance(exc, litellm.exceptions.Timeout):
         return ProviderTimeoutError(f"provider timed out: {_short(exc)}", status_code=408)
     status = getattr(exc, "status_code", None)

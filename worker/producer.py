@@ -183,7 +183,9 @@ class Producer:
         self.tenant = tenant
         self.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True)
         self.store = JobStore(self.redis, settings.job_ttl_seconds)
-        self.publisher = Publisher(make_celery(settings), self.redis, settings.job_ttl_seconds)
+        self.publisher = Publisher(
+            make_celery(settings, publisher=True), self.redis, settings.job_ttl_seconds
+        )
 
     def _message(self, item: PredictFields | Mapping[str, Any], priority: Priority) -> JobMessage:
         if isinstance(item, BatchItem):

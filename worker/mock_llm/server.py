@@ -145,6 +145,9 @@ class MockLLMHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every response carries Content-Length
     server_version = "mock-llm/0.1"
     timeout = 300  # idle keep-alive connections are dropped after this many seconds
+    # Headers and body go out in two writes on a keep-alive connection: with Nagle's
+    # algorithm the second waits for the client's delayed ACK (~40 ms per call).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence the stdlib access log; --log-requests writes JSON lines instead."""
