@@ -11,6 +11,20 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3.13 python3; do \
 	  command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 	  2>/dev/null && { echo $$p; break; }; done)
 
+# $(call apt_install,COMMAND,PACKAGE,WHAT HAPPENS WITHOUT IT): install a Debian package
+# when its command is missing and apt exists (as root or with passwordless sudo).
+# Never fatal: the tests that need the tool say what is missing.
+define apt_install
+	@command -v $(1) >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	    echo "installing $(2) (Debian package) ..."; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      $$SUDO apt-get install -y -qq --no-install-recommends $(2) >/dev/null \
+	    || echo "could not install $(2): $(3)"; \
+	  else echo "no apt-get: install $(2) yourself; $(3)"; fi; }
+endef
+
 .PHONY: help venv run test chaos lint clean test-tools exporter-venv
 
 help:
@@ -54,22 +68,8 @@ exporter-venv: $(EXPORTER_STAMP)
 # What the monitoring tests need besides .venv: promtool (Debian package `prometheus`,
 # installed where apt exists) and the exporter's venv. Fast no-op once present.
 test-tools: $(EXPORTER_STAMP)
-	@command -v promtool >/dev/null 2>&1 || { \
-	  if command -v apt-get >/dev/null 2>&1; then \
-	    SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
-	    echo "installing promtool (Debian package prometheus) ..."; \
-	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	      $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
-	    || echo "could not install promtool; its tests will skip (and fail when CI=true)"; \
-	  else echo "no apt-get: install promtool yourself; its tests skip (fail when CI=true)"; fi; }
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if command -v apt-get >/dev/null 2>&1; then \
-	    SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
-	    echo "installing chromium (renders /docs in tests/clients) ..."; \
-	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	      $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null \
-	    || echo "could not install chromium; the /docs test will skip (and fail when CI=true)"; \
-	  else echo "no apt-get: install chromium yourself; the /docs test skips (fails when CI=true)"; fi; }
+	$(call apt_install,promtool,prometheus,its tests skip off CI and fail when CI=true)
+	$(call apt_install,chromium,chromium,the /docs test skips off CI and fails when CI=true)
 
 # The chaos suite alone, with its figures printed (make test runs it too).
 chaos: venv test-tools
@@ -122,14 +122,7 @@ helm-install:
 .PHONY: bench bench-quick bench-tools
 
 bench-tools:
-	@command -v wrk >/dev/null 2>&1 || { \
-	  if command -v apt-get >/dev/null 2>&1; then \
-	    SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
-	    echo "installing wrk (Debian package) ..."; \
-	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	      $$SUDO apt-get install -y -qq --no-install-recommends wrk >/dev/null \
-	    || echo "could not install wrk; bench/ uses its Python load generator"; \
-	  else echo "no apt-get: bench/ uses its Python load generator (install wrk for steadier rates)"; fi; }
+	$(call apt_install,wrk,wrk,bench/ uses its slower Python load generator)
 
 bench: venv bench-tools
 	$(BIN)/python -m bench

@@ -33,7 +33,8 @@ def install() -> None:
         except AttributeError as exc:
             log.warning(
                 "could not requeue unacknowledged messages while the broker connection "
-                "closed (%s); they return after the visibility timeout", exc
+                "closed (%s); they return after the visibility timeout",
+                exc,
             )
             return None
 

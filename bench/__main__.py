@@ -1,0 +1,121 @@
+"""``python -m bench [--quick|--smoke]``: measure every figure against its baseline.
+
+stdout carries one line per figure, ``name: value (baseline: value, ratio: r, target: t)``,
+then notes and a summary (lines starting with ``#``); progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from bench.context import Bench
+from bench.figures import (
+    added_latency,
+    cache_hits,
+    coalescing,
+    enqueue_rate,
+    fast_fail,
+    io_concurrency,
+    memory,
+    worker_throughput,
+)
+from bench.producers import Producers
+from bench.report import MODES, Figure
+from bench.stack import Stack, start_stack
+from worker.dev.procs import wait_until
+
+WARMUP_JOBS = 64
+
+
+def machine() -> list[str]:
+    """What the numbers were measured on."""
+    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True,
+                                   text=True, check=False).stdout.split()[2:3]  # fmt: skip
+    load = os.getloadavg()
+    return [
+        f"cpus: {os.cpu_count()} ({platform.processor() or platform.machine()}), "
+        f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        f"python {platform.python_version()}, redis-server {''.join(redis_version) or '?'}",
+    ]
+
+
+def start(b_stack: Stack) -> None:
+    """Workers and APIs of both sides, started together."""
+    b_stack.start_workers()
+    b_stack.start_apis()
+    b_stack.wait_apis()
+
+
+def warm_up(b: Bench) -> None:
+    """Both workers answer jobs (imports done, LM clients built, thread pools started)."""
+    for side in ("ours", "bare"):
+        child = b.stack.children[f"{side}-worker"]
+        wait_until(child.alive, 1, f"{side} worker", child.proc)
+        _, failed = b.producers.run(side, WARMUP_JOBS, "warm-up", timeout=120)
+        if failed:
+            raise RuntimeError(f"{side} worker: {failed} warm-up jobs did not succeed "
+                               f"(logs in {b.stack.workdir})")  # fmt: skip
+
+
+def run(mode: str) -> list[Figure]:
+    """Start everything, measure every figure, stop everything."""
+    sizes = MODES[mode]
+    stack = start_stack()
+    producers: Producers | None = None
+    try:
+        start(stack)
+        producers = Producers(stack.ours_redis, stack.bare_redis)
+        b = Bench(stack, sizes, producers)
+        b.say(f"mode {mode}; services up; logs in {stack.workdir}")
+        warm_up(b)
+        figures: list[Figure] = []
+        # Phase 1, workers running: throughput, latency, coalescing, fast-fail.
+        figures += worker_throughput.measure(b)
+        figures += io_concurrency.measure(b)
+        figures += added_latency.measure(b)
+        figures += coalescing.measure(b)
+        figures += fast_fail.measure(b)
+        cache_hits.seed(b)
+        figures += memory.worker(b)
+        # Phase 2, workers stopped: the APIs' request rates, with no consumer taking CPU.
+        stack.stop("ours-worker", "bare-worker")
+        figures += enqueue_rate.measure(b)
+        figures += cache_hits.measure(b)
+        figures += memory.api(b)
+        return sorted(figures, key=lambda f: f.name)
+    finally:
+        if producers is not None:
+            producers.close()
+        stack.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the mode, run, print."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="short runs (under 2 minutes)")
+    group.add_argument("--smoke", action="store_true", help="shortest runs (the test suite's)")
+    args = parser.parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    header = machine()
+    started = time.monotonic()
+    figures = run(mode)
+    for fig in figures:
+        print(fig.line())
+    print(f"# mode: {mode}, {time.monotonic() - started:.0f} s; " + "; ".join(header))
+    for fig in figures:
+        for note in fig.notes:
+            print(f"# {fig.name}: {note}")
+    missed = [f.name for f in figures if not f.met]
+    print(f"# targets met: {len(figures) - len(missed)}/{len(figures)}"
+          + (f"; missed: {', '.join(missed)}" if missed else ""))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

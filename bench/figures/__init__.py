@@ -1,0 +1,1 @@
+"""One module per figure; each ``measure`` returns its figures."""

@@ -1,0 +1,69 @@
+"""Figures, run sizes and the one-line-per-figure output."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each figure measures; quick mode is small, full mode longer and steadier."""
+
+    rounds: int  # baseline and ours measured alternately this many times; medians reported
+    worker_jobs: int  # (a)
+    io_jobs: int  # (b)
+    http_seconds: float  # (c), (d): each wrk run
+    latency_requests: int  # (e), at 50 req/s
+    fast_fail_requests: int  # (h)
+
+
+MODES = {
+    "smoke": Sizes(rounds=1, worker_jobs=150, io_jobs=192, http_seconds=2,
+                   latency_requests=100, fast_fail_requests=30),
+    "quick": Sizes(rounds=1, worker_jobs=400, io_jobs=640, http_seconds=4,
+                   latency_requests=300, fast_fail_requests=100),
+    "full": Sizes(rounds=3, worker_jobs=1500, io_jobs=2560, http_seconds=10,
+                  latency_requests=1000, fast_fail_requests=300),
+}  # fmt: skip
+
+
+@dataclass
+class Figure:
+    """One measured figure against its baseline and its target."""
+
+    name: str
+    value: float
+    unit: str
+    baseline: float
+    baseline_unit: str
+    target: str
+    met: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """Ours over the baseline."""
+        return self.value / self.baseline if self.baseline else float("nan")
+
+    def line(self) -> str:
+        """``name: value (baseline: value, ratio: r, target: t)``."""
+        return (
+            f"{self.name}: {_num(self.value)} {self.unit} "
+            f"(baseline: {_num(self.baseline)} {self.baseline_unit}, ratio: {self.ratio:.2f}, "
+            f"target: {self.target})"
+        )
+
+
+def _num(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
+
+
+def median(values: list[float]) -> float:
+    """The median of the rounds."""
+    return statistics.median(values)
+
+
+def spread(label: str, values: list[float]) -> str:
+    """A note listing each round's value, to show the noise."""
+    return f"{label} per round: " + ", ".join(_num(v) for v in values)
