@@ -29,8 +29,10 @@ log = logging.getLogger("dspy_fleet.breaker")
 PREFIX = "dspy_fleet:breaker:"
 STATES = {"closed": 0, "open": 1, "half_open": 2}
 
-# KEYS: state hash, window hash prefix. ARGV: recovery s, half-open max probes.
-# Returns {allowed 0/1, state, retry_after ms, transition or ''}.
+# KEYS: state hash, window hash prefix. ARGV: recovery s, half-open max probes, window s.
+# Returns {allowed 0/1, state, retry_after ms, transition or '', consecutive failures}.
+# Calls are counted into the failure-rate window here, so that a success in the
+# common case (closed, no failures pending) needs no second round-trip.
 _ALLOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -39,7 +41,7 @@ local transition = ''
 if state == 'open' then
   local opened = tonumber(redis.call('HGET', KEYS[1], 'opened_at') or '0')
   local wait = opened + tonumber(ARGV[1]) - now
-  if wait > 0 then return {0, 'open', math.ceil(wait * 1000), ''} end
+  if wait > 0 then return {0, 'open', math.ceil(wait * 1000), '', 0} end
   state = 'half_open'
   transition = 'open->half_open'
   redis.call('HSET', KEYS[1], 'state', state, 'half_open_at', now, 'probes', 0, 'successes', 0)
@@ -52,11 +54,15 @@ if state == 'half_open' then
     probes = 0
     redis.call('HSET', KEYS[1], 'probes', 0, 'successes', 0, 'half_open_at', now)
   end
-  if probes >= tonumber(ARGV[2]) then return {0, 'half_open', 1000, transition} end
+  if probes >= tonumber(ARGV[2]) then return {0, 'half_open', 1000, transition, 0} end
   redis.call('HINCRBY', KEYS[1], 'probes', 1)
-  return {1, 'half_open', 0, transition}
+  return {1, 'half_open', 0, transition, 0}
 end
-return {1, 'closed', 0, transition}
+local window = tonumber(ARGV[3])
+local cur = KEYS[2] .. math.floor(now / window)
+redis.call('HINCRBY', cur, 'calls', 1)
+redis.call('EXPIRE', cur, window * 2 + 1)
+return {1, 'closed', 0, transition, tonumber(redis.call('HGET', KEYS[1], 'consecutive') or '0')}
 """
 
 # KEYS: state hash, window hash. ARGV: ok 0/1, failure threshold, rate, min calls,
@@ -69,9 +75,10 @@ local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
 local window = tonumber(ARGV[5])
 local bucket = math.floor(now / window)
 local cur = KEYS[2] .. bucket
-redis.call('HINCRBY', cur, 'calls', 1)
-if not ok then redis.call('HINCRBY', cur, 'failures', 1) end
-redis.call('EXPIRE', cur, window * 2 + 1)
+if not ok then
+  redis.call('HINCRBY', cur, 'failures', 1)
+  redis.call('EXPIRE', cur, window * 2 + 1)
+end
 if state == 'half_open' then
   if not ok then
     redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'consecutive', 0)
@@ -124,6 +131,13 @@ class Decision:
     allowed: bool
     state: str
     retry_after: float = 0.0
+    consecutive: int = 0  # provider faults in a row, as of this decision
+
+    @property
+    def success_matters(self) -> bool:
+        """Whether a success must be reported: it closes a half-open breaker or resets a
+        run of failures. Closed with no failures pending, it would change nothing."""
+        return self.state != "closed" or self.consecutive > 0
 
 
 class BreakerBoard:
@@ -148,16 +162,16 @@ class BreakerBoard:
         """Ask to call ``model``; open breakers say no, with how long to wait."""
         p = self._policy(model)
         try:
-            allowed, state, wait_ms, transition = self._redis_guard.call(
+            allowed, state, wait_ms, transition, consecutive = self._redis_guard.call(
                 self._allow, keys=[PREFIX + model, PREFIX + model + ":w:"],
-                args=[p.recovery_seconds, p.half_open_max_calls],
+                args=[p.recovery_seconds, p.half_open_max_calls, p.window_seconds],
             )  # fmt: skip
         except (redis.RedisError, CircuitBreakerError) as exc:
             log.warning("breaker store unavailable; allowing the call: %s", exc)
             return Decision(True, "closed")
         state = _text(state)
         self._transitioned(model, _text(transition), state)
-        return Decision(bool(allowed), state, wait_ms / 1000.0)
+        return Decision(bool(allowed), state, wait_ms / 1000.0, int(consecutive))
 
     def record(self, model: str, ok: bool) -> str:
         """Report a call's outcome (ok=False only for provider faults); returns the new state."""

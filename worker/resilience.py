@@ -77,9 +77,11 @@ def _serve_with(rt: Runtime, plan: Plan, msg: JobMessage, model: str, usage: Usa
             rt.breakers.record(model, ok=False)
             raise
         except JobError:
-            rt.breakers.record(model, ok=True)  # the provider answered; the fault is ours
+            if decision.success_matters:  # the provider answered; the fault is ours
+                rt.breakers.record(model, ok=True)
             raise
-        rt.breakers.record(model, ok=True)
+        if decision.success_matters:
+            rt.breakers.record(model, ok=True)
         return {"outputs": outputs, "model": model, "program_version": plan.program.version,
                 "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
                 "created_at": utcnow().isoformat()}  # fmt: skip
