@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -16,6 +17,8 @@ from worker.errors import (
     UnknownModelError,
 )
 from worker.fleet_config import FleetConfig, ModelConfig
+
+log = logging.getLogger("dspy_fleet.worker")
 
 
 class ModelPool:
@@ -34,6 +37,15 @@ class ModelPool:
             raise UnknownModelError(
                 f"unknown model {alias!r}", details={"models": sorted(self.config.models)}
             ) from None
+
+    def warm(self) -> None:
+        """Build every LM now (at worker start), so the first job does not pay for imports
+        (litellm takes seconds); a model whose key is missing is left for its first job."""
+        for alias in self.config.models:
+            try:
+                self.get(alias)
+            except ConfigError as exc:
+                log.warning("model %s not built at start: %s", alias, exc.message)
 
     def get(self, alias: str) -> dspy.LM:
         """The LM for an alias, built on first use."""

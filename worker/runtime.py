@@ -47,6 +47,8 @@ def build_runtime(settings: WorkerSettings, config: FleetConfig) -> Runtime:
     """Build programs (failing fast on a broken one), model pool and stores."""
     client = redis_client(settings.redis_url)
     registry = ProgramRegistry(config)
+    models = ModelPool(config)
+    models.warm()
     cache_client = (
         client if settings.cache_redis == settings.redis_url else redis_client(settings.cache_redis)
     )
@@ -54,7 +56,7 @@ def build_runtime(settings: WorkerSettings, config: FleetConfig) -> Runtime:
         settings=settings,
         config=config,
         registry=registry,
-        models=ModelPool(config),
+        models=models,
         store=JobStore(client, settings.job_ttl_seconds),
         redis=client,
         breakers=BreakerBoard(client, breaker_policies(settings, config)),
