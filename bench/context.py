@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from bench.load import steady_rate
 from bench.producers import Producers
 from bench.report import Sizes
 from bench.stack import Stack
@@ -25,3 +26,19 @@ class Bench:
     def sides(self, round_no: int) -> tuple[str, str]:
         """Alternate which side goes first, so drift on the machine hits both alike."""
         return ("bare", "ours") if round_no % 2 == 0 else ("ours", "bare")
+
+
+def drain_rates(b: Bench, label: str, jobs: int) -> dict[str, list[float]]:
+    """Steady jobs/s per round for each side, draining ``jobs`` jobs per side and round.
+
+    Shared by (a) and (b), which differ only in the mock's latency and the job count.
+    """
+    rates: dict[str, list[float]] = {"ours": [], "bare": []}
+    for r in range(b.sizes.rounds):
+        for side in b.sides(r):
+            times, failed = b.producers.run(side, jobs, f"{label}{r}", timeout=300)
+            if failed:
+                raise RuntimeError(f"({label}) {side}: {failed} jobs did not succeed")
+            rates[side].append(steady_rate(times))
+            b.say(f"({label}) round {r} {side}: {rates[side][-1]:.1f} jobs/s")
+    return rates

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -122,6 +123,17 @@ class JobMessage(PredictFields):
     job_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     tenant: Name = DEFAULT_TENANT
     submitted_at: datetime = Field(description="ISO 8601 time the producer accepted the job.")
+
+
+def field_errors(exc: ValidationError, root: str = "(body)") -> list[dict[str, str]]:
+    """A validation error as ``[{"field", "message"}]``, the shape every error body uses.
+
+    Inputs are never echoed back: they may hold secrets.
+    """
+    return [
+        {"field": ".".join(str(p) for p in e["loc"]) or root, "message": e["msg"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
 
 
 def new_job_id(tenant: str, request_id: str | None) -> str:

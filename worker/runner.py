@@ -15,7 +15,7 @@ import redis
 from pydantic import ValidationError
 
 from worker import ledger, metrics
-from worker.contract import JobMessage, utcnow
+from worker.contract import JobMessage, field_errors, utcnow
 from worker.cost import CostRecord, cost_usd, price_for
 from worker.errors import (
     JobError,
@@ -48,12 +48,9 @@ class Plan:
 
 
 def _validation_error(exc: ValidationError) -> MessageValidationError:
-    errors = [
-        {"field": ".".join(str(p) for p in e["loc"]) or "(message)", "message": e["msg"]}
-        for e in exc.errors(include_url=False, include_input=False)
-    ]
     return MessageValidationError(
-        "job message does not match contract v1", details={"errors": errors}
+        "job message does not match contract v1",
+        details={"errors": field_errors(exc, root="(message)")},
     )
 
 

@@ -25,6 +25,7 @@ from typing import IO, Any
 import click
 from pydantic import ValidationError
 
+from worker.contract import field_errors
 from worker.producer import BatchItem, result_line, stable_request_id
 
 EXIT_FAILED_ITEMS = 1
@@ -176,10 +177,7 @@ def _direct_source(
             try:
                 valid.append(BatchItem.model_validate(item))
             except ValidationError as exc:
-                errors = [
-                    {"field": ".".join(map(str, e["loc"])), "message": e["msg"]}
-                    for e in exc.errors(include_url=False, include_input=False)
-                ]
+                errors = field_errors(exc, root="(item)")
                 invalid.append(
                     {
                         "custom_id": item["custom_id"],

@@ -15,7 +15,7 @@ from api.services import services
 from api.views import job_view
 from api.waiter import JobWaiter
 from worker.cache import read_l2
-from worker.contract import DEFAULT_TENANT, PredictRequest, build_message
+from worker.contract import DEFAULT_TENANT, PredictRequest, build_message, field_errors
 from worker.jobs import TERMINAL
 from worker.routing import Route, bind_inputs, cache_key, resolve
 
@@ -31,10 +31,7 @@ def _json_body() -> Any:
 
 
 def _schema_errors(exc: ValidationError) -> ValidationFailed:
-    errors = [
-        {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
-        for e in exc.errors(include_url=False, include_input=False)
-    ]
+    errors = field_errors(exc)
     fields = ", ".join(sorted({e["field"] for e in errors}))
     return ValidationFailed(f"invalid request: check {fields}", details={"errors": errors})
 

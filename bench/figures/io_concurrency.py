@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from bench.context import Bench
-from bench.load import steady_rate
+from bench.context import Bench, drain_rates
 from bench.report import Figure, median, spread
 
 LATENCY_MS = 200
@@ -14,15 +13,8 @@ IDEAL = CONCURRENCY / (LATENCY_MS / 1000)  # 320 jobs/s
 def measure(b: Bench) -> list[Figure]:
     """Steady jobs/s against the ideal concurrency/latency; the bare task's rate is a note."""
     b.stack.mock(latency_ms=LATENCY_MS)
-    rates: dict[str, list[float]] = {"ours": [], "bare": []}
     try:
-        for r in range(b.sizes.rounds):
-            for side in b.sides(r):
-                times, failed = b.producers.run(side, b.sizes.io_jobs, f"b{r}", timeout=300)
-                if failed:
-                    raise RuntimeError(f"(b) {side}: {failed} jobs did not succeed")
-                rates[side].append(steady_rate(times))
-                b.say(f"(b) round {r} {side}: {rates[side][-1]:.1f} jobs/s")
+        rates = drain_rates(b, "b", b.sizes.io_jobs)
     finally:
         b.stack.mock(latency_ms=0)
     ours, bare = median(rates["ours"]), median(rates["bare"])

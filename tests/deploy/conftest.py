@@ -6,10 +6,12 @@ Nothing here needs Docker, a cluster or the network: the Helm v4 library
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import helm_python
@@ -18,6 +20,19 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "helm" / "dspy-fleet"
+
+
+def _load_chart_tool() -> ModuleType:
+    """helm/chart.py (what `make helm-lint` runs): a script, not a package, so load it by path."""
+    spec = importlib.util.spec_from_file_location("helm_chart_tool", ROOT / "helm" / "chart.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Merge values files the way `helm -f a -f b` does: the same function the make targets use.
+deep_merge = _load_chart_tool().merge
 PRODUCTION_VALUES = ROOT / "helm" / "examples" / "values-production.yaml"
 RELEASE = "fleet"
 NAMESPACE = "dspy"
@@ -33,17 +48,6 @@ def tool(name: str) -> str:
     if not found:
         pytest.fail(f"{name} is not installed: pip install -e '.[dev]'")
     return found
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``over`` into a copy of ``base`` the way `helm -f a -f b` does."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 @pytest.fixture(scope="session")
