@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 from celery import Celery
 from kombu import Exchange, Queue
 
+from worker import kombu_patch
 from worker.contract import QUEUES, TASK_NAME
 from worker.settings import CommonSettings, WorkerSettings
 
@@ -118,6 +119,7 @@ def make_celery(
     does not subscribe to each task's result channel (a round-trip and a pub/sub
     subscription per published job, for nothing). Workers still store results.
     """
+    kombu_patch.install()
     app = Celery(APP_NAME, include=list(include), set_as_current=False)
     conf = celery_config(settings)
     if publisher:
@@ -138,6 +140,17 @@ def send_job(
     **options: Any,
 ) -> None:
     """Publish one contract-v1 job message: by task name, task id = job id, request id in the
-    headers (it rides into the worker's logs). The one way every producer here publishes."""
+    headers (it rides into the worker's logs). The one way every producer here publishes.
+
+    The kwargs' repr (what Flower shows) is given, not left to Celery: its ``saferepr``
+    walks the message in Python, about 0.25 ms per job in our API profile (a third of
+    send_task's own time); a message is plain JSON data, so the builtin repr, cut to
+    Celery's 1,024 characters, shows the same."""
     app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=queue,
-                  headers={"request_id": request_id}, **options)  # fmt: skip
+                  headers={"request_id": request_id}, argsrepr="()",
+                  kwargsrepr=_short_repr(kwargs), **options)  # fmt: skip
+
+
+def _short_repr(value: Any, limit: int = 1024) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,32 @@
+"""worker/kombu_patch.py against a real Redis: one client per channel pool, publishes still land."""
+
+from __future__ import annotations
+
+import redis
+from kombu import Connection
+
+from worker import kombu_patch
+from worker.dev.redis import RedisServer
+
+
+def test_channel_reuses_one_client_per_pool(redis_server: RedisServer) -> None:
+    kombu_patch.install()
+    kombu_patch.install()  # idempotent
+    with Connection(redis_server.url) as conn:
+        channel = conn.default_channel
+        first = channel._create_client()
+        assert channel._create_client() is first
+        assert channel._create_client(asynchronous=True) is not first
+
+        queue = conn.SimpleQueue("kombu-patch-test")
+        for i in range(3):
+            queue.put({"n": i})
+        assert [queue.get(timeout=5).payload["n"] for _ in range(3)] == [0, 1, 2]
+
+        # A replaced pool (what a reconnect does) gets a client of its own.
+        channel._disconnect_pools()
+        assert channel._create_client() is not first
+        queue.put({"n": 3})
+        assert queue.get(timeout=5).payload["n"] == 3
+        queue.close()
+    assert redis.Redis.from_url(redis_server.url).ping()
