@@ -39,7 +39,11 @@ def init_app(app: Flask) -> None:
             request.method,
             request.path,
             resp.status_code,
-            extra={"latency_ms": round(elapsed * 1000, 2), "http_status": resp.status_code},
+            extra={
+                "latency_ms": round(elapsed * 1000, 2),
+                "http_status": resp.status_code,
+                **g.get("log_fields", {}),
+            },  # fmt: skip
         )
         return resp
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -18,6 +19,7 @@ from api import metrics
 from api.errors import ServiceUnavailable
 from api.settings import ApiSettings
 from worker import jobs, ledger
+from worker.cache import count_l2, l2_key, parse_l2, read_l2
 from worker.catalog import CatalogReader
 from worker.celery_config import make_celery, send_job
 from worker.contract import JobMessage, utcnow
@@ -26,6 +28,13 @@ from worker.fleet_config import FleetConfig
 from worker.jobs import JobStore
 
 log = logging.getLogger("dspy_fleet.api")
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    """An L2 cache entry found at submit time: answer from it instead of queueing."""
+
+    entry: dict[str, Any]
 
 
 class Services:
@@ -54,32 +63,58 @@ class Services:
         self.celery: Celery = make_celery(settings, publisher=True)
 
     def submit(
-        self, message: JobMessage, record: dict[str, Any], *, request_id: str | None
-    ) -> tuple[dict[str, Any], bool]:
+        self, message: JobMessage, record: dict[str, Any], *, request_id: str | None,
+        cache_key: str | None = None,
+    ) -> tuple[dict[str, Any], bool] | CacheHit:  # fmt: skip
         """Record and enqueue a job once; a replayed idempotency key returns the existing job.
 
-        Returns (job record, created). The job is accepted once its record, with a
-        copy of its message, is in Redis: if the publish then fails, the worker's
-        recovery sweep publishes it later (worker/recovery.py), so the answer is
-        still 202. If Redis refuses the record, 503 broker_unavailable: nothing was
-        accepted.
+        Returns (job record, created), or a CacheHit when ``cache_key`` is in the L2
+        cache: then nothing was recorded, and the caller answers from the entry. With
+        the cache on the job store's Redis, the lookup and the record are one script.
+
+        The job is accepted once its record, with a copy of its message, is in Redis:
+        if the publish then fails, the worker's recovery sweep publishes it later
+        (worker/recovery.py), so the answer is still 202. If Redis refuses the record,
+        503 broker_unavailable: nothing was accepted.
         """
+        kwargs = message.model_dump(mode="json", exclude_none=True)  # stored and published
+        if cache_key is not None and self.cache_redis is not self.redis:
+            hit = read_l2(self.cache_redis, cache_key)
+            if hit is not None:
+                return CacheHit(hit)
+            cache_key = None
         try:
-            created = self.store.create(
-                message.job_id, record, message=message.model_dump(mode="json", exclude_none=True)
-            )
+            created = self._create(message.job_id, record, kwargs, cache_key)
+            if isinstance(created, CacheHit):
+                return created
             if not created:
                 existing = self.store.get(message.job_id)
                 return existing or {**record, "job_id": message.job_id}, False
         except redis.RedisError as exc:
             raise _broker_unavailable(exc) from None
         try:
-            self.enqueue(message, request_id=request_id)
+            self.enqueue(message, kwargs, request_id=request_id)
         except ServiceUnavailable:
             log.warning("job recorded but not published; the recovery sweep will publish it",
                         extra={"job_id": message.job_id})  # fmt: skip
         job = jobs.decode(jobs.encode(record))  # the same strings a later GET reads
         return {**job, "job_id": message.job_id, "status": "queued"}, True
+
+    def _create(self, job_id: str, record: dict[str, Any], kwargs: dict[str, Any],
+                cache_key: str | None) -> bool | CacheHit:  # fmt: skip
+        """Create the queued job, first looking ``cache_key`` up in the same script."""
+        if cache_key is None:
+            return self.store.create(job_id, record, message=kwargs)
+        out = self.store.create_unless_cached(job_id, record, kwargs, l2_key(cache_key))
+        if not isinstance(out, str):
+            count_l2("miss")
+            return out
+        hit = parse_l2(out)
+        if hit is not None:
+            count_l2("hit")
+            return CacheHit(hit)
+        # A corrupt entry (counted as an error by parse_l2) is a miss: create the job.
+        return self.store.create(job_id, record, message=kwargs)
 
     def serve_cached(
         self, message: JobMessage, record: dict[str, Any], hit: dict[str, Any], *, started: float
@@ -109,12 +144,14 @@ class Services:
             return existing
         return {**jobs.decode(jobs.encode(fields)), "job_id": message.job_id}
 
-    def enqueue(self, message: JobMessage, *, request_id: str | None) -> None:
-        """Publish the job message by task name; 503 broker_unavailable if the broker is down."""
+    def enqueue(self, message: JobMessage, kwargs: dict[str, Any], *,
+                request_id: str | None) -> None:  # fmt: skip
+        """Publish ``kwargs`` (``message`` as JSON) by task name; 503 broker_unavailable if
+        the broker is down."""
         try:
             send_job(
                 self.celery,
-                message.model_dump(mode="json", exclude_none=True),
+                kwargs,
                 job_id=message.job_id,
                 queue=message.priority,
                 request_id=request_id,

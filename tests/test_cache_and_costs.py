@@ -101,6 +101,9 @@ class Stack:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         return metric_value(text, name, **labels)
 
+    def api_metric(self, name: str, **labels: str) -> float:
+        return metric_value(httpx.get(f"{self.api.url}/metrics", timeout=10).text, name, **labels)
+
     def send(self, **fields: Any) -> str:
         """Push a job straight onto the queue, as a direct producer does; returns its id."""
         producer = make_celery(CommonSettings(redis_url=self.redis_server.url))
@@ -192,6 +195,23 @@ def test_api_answers_l2_hits_without_queueing(stack: Stack, mock: MockLLM) -> No
     finally:
         stack.restart_worker()
     assert wait_for_job(stack.http, fresh.json()["id"])["status"] == "succeeded"
+
+
+def test_corrupt_l2_entry_is_a_miss_for_the_api(stack: Stack, mock: MockLLM) -> None:
+    question = unique("What is 9+9?")
+    body = {"input": question, "wait": 20}
+    assert stack.http.post("/v1/predict", json=body).json()["status"] == "succeeded"
+    from worker.cache import l2_key
+
+    stack.redis.set(l2_key(stack.catalog_key("qa", {"question": question})), "{not json")
+    errors = stack.api_metric("dspy_cache_operations_total", level="l2", operation="error")
+
+    again = stack.http.post("/v1/predict", json=body)
+    # Not answered by the API (attempts 0) but queued and run by the worker.
+    assert again.status_code == 200, again.text
+    assert again.json()["status"] == "succeeded" and again.json()["cost"]["attempts"] == 1
+    assert stack.api_metric("dspy_cache_operations_total", level="l2",
+                            operation="error") == errors + 1  # fmt: skip
 
 
 def test_worker_l1_then_l2(stack: Stack, mock: MockLLM) -> None:

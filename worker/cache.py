@@ -40,20 +40,34 @@ def read_l2(client: redis.Redis, key: str) -> dict[str, Any] | None:
     try:
         raw = client.get(l2_key(key))
     except redis.RedisError as exc:
-        metrics.CACHE_OPERATIONS.labels("l2", "error").inc()
+        count_l2("error")
         log.warning("L2 cache read failed; treating as a miss: %s", exc)
         return None
     if raw is None:
-        metrics.CACHE_OPERATIONS.labels("l2", "miss").inc()
+        count_l2("miss")
         return None
+    entry = parse_l2(raw)
+    if entry is not None:
+        count_l2("hit")
+    return entry
+
+
+def parse_l2(raw: str | bytes) -> dict[str, Any] | None:
+    """A stored L2 entry; None (counted as an error) unless it is a JSON object with outputs."""
     try:
         entry = json.loads(raw)
     except ValueError:
-        metrics.CACHE_OPERATIONS.labels("l2", "error").inc()
-        log.warning("corrupt L2 cache entry ignored", extra={"cache": "error"})
-        return None
-    metrics.CACHE_OPERATIONS.labels("l2", "hit").inc()
-    return entry
+        entry = None
+    if isinstance(entry, dict) and "outputs" in entry:
+        return entry
+    count_l2("error")
+    log.warning("corrupt L2 cache entry ignored", extra={"cache": "error"})
+    return None
+
+
+def count_l2(operation: str) -> None:
+    """Count one L2 operation: hit, miss, set or error."""
+    metrics.CACHE_OPERATIONS.labels("l2", operation).inc()
 
 
 class PredictionCache:
@@ -91,9 +105,9 @@ class PredictionCache:
         self._set_l1(key, entry, min(self.l1_ttl, ttl))
         try:
             self.client.set(l2_key(key), json.dumps(entry, separators=(",", ":")), ex=ttl)
-            metrics.CACHE_OPERATIONS.labels("l2", "set").inc()
+            count_l2("set")
         except redis.RedisError as exc:
-            metrics.CACHE_OPERATIONS.labels("l2", "error").inc()
+            count_l2("error")
             log.warning("L2 cache write failed: %s", exc)
 
     def _set_l1(self, key: str, entry: dict[str, Any], ttl: float) -> None:

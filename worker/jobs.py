@@ -28,28 +28,53 @@ _JSON_FIELDS = ("outputs", "error", "cost", "message")
 _FLOAT_FIELDS = ("retry_in_seconds",)
 _INT_FIELDS = ("attempts",)
 
-# Create the hash only if it does not exist, atomically, so two submissions of
-# one idempotency key can never both enqueue. A job born finished (a cache hit the
-# API served) also gets its finished marker and its bill.
-# KEYS: job, finished marker, [day hash]. ARGV: ttl, n, n field/value pairs, [day ttl, bill pairs].
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+# Pieces of the create scripts. ARGV: ttl, n, n field/value pairs (the job id among them).
+_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end\n"
+_STORE = """
 local n = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3, 2 + 2 * n))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
+# Until it finishes, the job is watched for a lost message (worker/recovery.py).
+_WATCH = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[3], tonumber(t[1]) + tonumber(t[2]) / 1e6,
+           redis.call('HGET', KEYS[1], 'job_id'))
+"""
+
+# Create the hash only if it does not exist, atomically, so two submissions of
+# one idempotency key can never both enqueue. A job born finished (a cache hit the
+# API served) also gets its finished marker and its bill.
+# KEYS: job, finished marker, pending set, [day hash]. ARGV: ttl, n, pairs, [day ttl, bill].
+_CREATE = (
+    _EXISTS
+    + _STORE
+    + """
 if #KEYS == 4 then
   local b = 3 + 2 * n
   redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
   for i = b + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
   redis.call('EXPIRE', KEYS[4], ARGV[b])
-else
-  -- Until it finishes, the job is watched for a lost message (worker/recovery.py).
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[3], tonumber(t[1]) + tonumber(t[2]) / 1e6,
-            redis.call('HGET', KEYS[1], 'job_id'))
+  return 1
 end
-return 1
 """
+    + _WATCH
+    + "return 1\n"
+)
+
+# The API's submit in one round-trip: the L2 cache entry when there is one (nothing
+# is created: the caller answers from it), else _CREATE's queued job.
+# KEYS: job, finished marker, pending set, L2 key. ARGV: as _CREATE without a bill.
+_CREATE_UNLESS_CACHED = (
+    """
+local hit = redis.call('GET', KEYS[4])
+if hit then return hit end
+"""
+    + _EXISTS
+    + _STORE
+    + _WATCH
+    + "return 1\n"
+)
 
 # Finish a job exactly once: the first terminal write wins (SET NX on the marker);
 # its fields, its bill and the wake-up all happen in this one atomic script, so a
@@ -138,6 +163,7 @@ class JobStore:
         self.client = client
         self.ttl = ttl_seconds
         self._create = client.register_script(_CREATE)
+        self._create_unless_cached = client.register_script(_CREATE_UNLESS_CACHED)
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
 
@@ -167,6 +193,20 @@ class JobStore:
             keys.append(bill.key)
             argv += [ledger.KEEP_SECONDS, *bill.pairs]
         return bool(self._create(keys=keys, args=argv))
+
+    def create_unless_cached(
+        self, job_id: str, fields: Mapping[str, Any], message: Mapping[str, Any], l2_key: str
+    ) -> bool | str:
+        """:meth:`create` a queued job, unless Redis holds the cache entry ``l2_key``: then
+        nothing is created and the entry (its raw JSON) is returned. One round-trip."""
+        pairs = _pairs({"job_id": job_id, "status": "queued", **fields, "message": dict(message)})
+        out = self._create_unless_cached(
+            keys=[self.key(job_id), FINISHED_PREFIX + job_id, PENDING_KEY, l2_key],
+            args=[self.ttl, len(pairs) // 2, *pairs],
+        )
+        if isinstance(out, bytes):
+            out = out.decode()
+        return out if isinstance(out, str) else bool(out)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job record, or None for an unknown (or expired) id."""

@@ -11,10 +11,9 @@ from pydantic import ValidationError
 
 from api.auth import visible
 from api.errors import BadRequest, Conflict, NotFound, ValidationFailed
-from api.services import services
+from api.services import CacheHit, services
 from api.views import job_view
 from api.waiter import JobWaiter
-from worker.cache import read_l2
 from worker.contract import DEFAULT_TENANT, PredictRequest, build_message, field_errors
 from worker.jobs import TERMINAL
 from worker.routing import Route, bind_inputs, cache_key, resolve
@@ -112,21 +111,22 @@ def predict() -> tuple[Response, int]:
     record = {"program": route.program, "model": route.model, "variant": route.variant,
               "tenant": tenant, "request_id": req.request_id, "queue": req.priority,
               "created_at": message.submitted_at}  # fmt: skip
-    hit = read_l2(svc.cache_redis, key) if key else None
-    if hit is not None and "outputs" in hit:
-        job = svc.serve_cached(message, record, hit, started=started)
-        log.info(
-            "answered from cache without queueing",
-            extra={"job_id": message.job_id, "cache": "l2", "status": job.get("status")},
-        )
+    outcome = svc.submit(message, record, request_id=g.get("request_id"), cache_key=key)
+    if isinstance(outcome, CacheHit):
+        job = svc.serve_cached(message, record, outcome.entry, started=started)
+        _log_fields(job, route, "answered from cache without queueing", cache="l2")
         return _answer(job, min(req.wait, svc.settings.max_wait_seconds))
-    job, created = svc.submit(message, record, request_id=g.get("request_id"))
-    log.info(
-        "job enqueued" if created else "idempotent replay of an existing job",
-        extra={"job_id": message.job_id, "program": route.program, "model": route.model,
-               "variant": route.variant, "status": job.get("status")},
-    )  # fmt: skip
+    job, created = outcome
+    _log_fields(job, route, "job enqueued" if created else "idempotent replay of an existing job")
     return _answer(job, min(req.wait, svc.settings.max_wait_seconds))
+
+
+def _log_fields(job: dict[str, Any], route: Route, outcome: str, **more: Any) -> None:
+    """What the request's one access-log line says about the job (api/middleware.py):
+    one line per request, not two, on the hot path."""
+    g.log_fields = {"job_id": job["job_id"], "program": route.program, "model": route.model,
+                    "variant": route.variant, "status": job.get("status"), "outcome": outcome,
+                    **more}  # fmt: skip
 
 
 @bp.get("/predictions/<job_id>")
