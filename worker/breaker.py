@@ -23,47 +23,51 @@ import redis
 from circuitbreaker import CircuitBreaker, CircuitBreakerError
 
 from worker import metrics
+from worker.jobs import LuaCall
 
 log = logging.getLogger("dspy_fleet.breaker")
 
 PREFIX = "dspy_fleet:breaker:"
 STATES = {"closed": 0, "open": 1, "half_open": 2}
 
-# KEYS: state hash, window hash prefix. ARGV: recovery s, half-open max probes, window s.
+# K: state hash, window hash prefix. A: recovery s, half-open max probes, window s.
 # Returns {allowed 0/1, state, retry_after ms, transition or '', consecutive failures}.
 # Calls are counted into the failure-rate window here, so that a success in the
 # common case (closed, no failures pending) needs no second round-trip.
-_ALLOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-local transition = ''
-if state == 'open' then
-  local opened = tonumber(redis.call('HGET', KEYS[1], 'opened_at') or '0')
-  local wait = opened + tonumber(ARGV[1]) - now
-  if wait > 0 then return {0, 'open', math.ceil(wait * 1000), '', 0} end
-  state = 'half_open'
-  transition = 'open->half_open'
-  redis.call('HSET', KEYS[1], 'state', state, 'half_open_at', now, 'probes', 0, 'successes', 0)
-end
-if state == 'half_open' then
-  local probes = tonumber(redis.call('HGET', KEYS[1], 'probes') or '0')
-  local since = tonumber(redis.call('HGET', KEYS[1], 'half_open_at') or '0')
-  -- Probes whose workers died never report back: start a new probe round then.
-  if probes >= tonumber(ARGV[2]) and now - since > tonumber(ARGV[1]) then
-    probes = 0
-    redis.call('HSET', KEYS[1], 'probes', 0, 'successes', 0, 'half_open_at', now)
+_ALLOW_FUNCTION = """
+local function breaker_allow(K, A)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  local state = redis.call('HGET', K[1], 'state') or 'closed'
+  local transition = ''
+  if state == 'open' then
+    local opened = tonumber(redis.call('HGET', K[1], 'opened_at') or '0')
+    local wait = opened + tonumber(A[1]) - now
+    if wait > 0 then return {0, 'open', math.ceil(wait * 1000), '', 0} end
+    state = 'half_open'
+    transition = 'open->half_open'
+    redis.call('HSET', K[1], 'state', state, 'half_open_at', now, 'probes', 0, 'successes', 0)
   end
-  if probes >= tonumber(ARGV[2]) then return {0, 'half_open', 1000, transition, 0} end
-  redis.call('HINCRBY', KEYS[1], 'probes', 1)
-  return {1, 'half_open', 0, transition, 0}
+  if state == 'half_open' then
+    local probes = tonumber(redis.call('HGET', K[1], 'probes') or '0')
+    local since = tonumber(redis.call('HGET', K[1], 'half_open_at') or '0')
+    -- Probes whose workers died never report back: start a new probe round then.
+    if probes >= tonumber(A[2]) and now - since > tonumber(A[1]) then
+      probes = 0
+      redis.call('HSET', K[1], 'probes', 0, 'successes', 0, 'half_open_at', now)
+    end
+    if probes >= tonumber(A[2]) then return {0, 'half_open', 1000, transition, 0} end
+    redis.call('HINCRBY', K[1], 'probes', 1)
+    return {1, 'half_open', 0, transition, 0}
+  end
+  local window = tonumber(A[3])
+  local cur = K[2] .. math.floor(now / window)
+  redis.call('HINCRBY', cur, 'calls', 1)
+  redis.call('EXPIRE', cur, window * 2 + 1)
+  return {1, 'closed', 0, transition, tonumber(redis.call('HGET', K[1], 'consecutive') or '0')}
 end
-local window = tonumber(ARGV[3])
-local cur = KEYS[2] .. math.floor(now / window)
-redis.call('HINCRBY', cur, 'calls', 1)
-redis.call('EXPIRE', cur, window * 2 + 1)
-return {1, 'closed', 0, transition, tonumber(redis.call('HGET', KEYS[1], 'consecutive') or '0')}
 """
+_ALLOW = _ALLOW_FUNCTION + "return breaker_allow(KEYS, ARGV)\n"
 
 # KEYS: state hash, window hash. ARGV: ok 0/1, failure threshold, rate, min calls,
 # window s, success threshold. Returns {state, transition or ''}.
@@ -160,15 +164,24 @@ class BreakerBoard:
 
     def allow(self, model: str) -> Decision:
         """Ask to call ``model``; open breakers say no, with how long to wait."""
-        p = self._policy(model)
+        call = self.allow_call(model)
         try:
-            allowed, state, wait_ms, transition, consecutive = self._redis_guard.call(
-                self._allow, keys=[PREFIX + model, PREFIX + model + ":w:"],
-                args=[p.recovery_seconds, p.half_open_max_calls, p.window_seconds],
-            )  # fmt: skip
+            reply = self._redis_guard.call(self._allow, keys=call.keys, args=call.args)
         except (redis.RedisError, CircuitBreakerError) as exc:
             log.warning("breaker store unavailable; allowing the call: %s", exc)
             return Decision(True, "closed")
+        return self.decide(model, reply)
+
+    def allow_call(self, model: str) -> LuaCall:
+        """:meth:`allow` as a Lua call that another script can make (the worker's job
+        start: one round trip claims the job and asks the breaker); see :meth:`decide`."""
+        p = self._policy(model)
+        return LuaCall(_ALLOW_FUNCTION, "breaker_allow", [PREFIX + model, PREFIX + model + ":w:"],
+                       [p.recovery_seconds, p.half_open_max_calls, p.window_seconds])  # fmt: skip
+
+    def decide(self, model: str, reply: list[Any]) -> Decision:
+        """The Decision in an allow reply; a transition it made is logged and shown here."""
+        allowed, state, wait_ms, transition, consecutive = reply
         state = _text(state)
         self._transitioned(model, _text(transition), state)
         return Decision(bool(allowed), state, wait_ms / 1000.0, int(consecutive))

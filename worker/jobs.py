@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -101,18 +101,40 @@ return 1
 # Mark a job running unless it already ended (a redelivered message of a finished
 # job must not flip it back). Metadata is only filled in when absent: direct
 # producers that skip the SDK create the record here. Returns the old status.
-_START = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
-local n = tonumber(ARGV[2])
-for i = 0, n - 1 do
-  redis.call('HSETNX', KEYS[1], ARGV[3 + 2 * i], ARGV[4 + 2 * i])
+# K: job. A: ttl, n, n metadata pairs, update pairs.
+_START_FUNCTION = """
+local function job_start(K, A)
+  local status = redis.call('HGET', K[1], 'status')
+  if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
+  local n = tonumber(A[2])
+  for i = 0, n - 1 do
+    redis.call('HSETNX', K[1], A[3 + 2 * i], A[4 + 2 * i])
+  end
+  redis.call('HSET', K[1], unpack(A, 3 + 2 * n))
+  redis.call('EXPIRE', K[1], A[1])
+  return status or ''
 end
-local base = 3 + 2 * n
-redis.call('HSET', KEYS[1], unpack(ARGV, base))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return status or ''
 """
+_START = _START_FUNCTION + "return job_start(KEYS, ARGV)\n"
+
+# Start, then (unless the job already ended) another script's function, in one
+# round trip: the worker asks the model's breaker as it claims the job. KEYS: job,
+# then the function's keys. ARGV: number of start args, start args, its args.
+_START_THEN = """
+local ns = tonumber(ARGV[1])
+local prev = job_start({KEYS[1]}, {unpack(ARGV, 2, 1 + ns)})
+if prev == 'succeeded' or prev == 'failed' or prev == 'cancelled' then return {prev} end
+return {prev, %s({unpack(KEYS, 2)}, {unpack(ARGV, 2 + ns)})}
+"""
+
+
+class LuaCall(NamedTuple):
+    """A call of a Lua function defined in ``source``, for :meth:`JobStore.start` to run."""
+
+    source: str  # defines the function `name` (local function name(K, A) ... end)
+    name: str
+    keys: list[str]
+    args: list[Any]
 
 
 def _iso(value: datetime | str | None) -> str | None:
@@ -165,6 +187,7 @@ class JobStore:
         self._create = client.register_script(_CREATE)
         self._create_unless_cached = client.register_script(_CREATE_UNLESS_CACHED)
         self._start = client.register_script(_START)
+        self._start_then: dict[str, Any] = {}
         self._finish = client.register_script(_FINISH)
 
     @staticmethod
@@ -214,13 +237,24 @@ class JobStore:
         return {"job_id": job_id, **decode(raw)} if raw else None
 
     def start(
-        self, job_id: str, metadata: Mapping[str, Any], updates: Mapping[str, Any]
-    ) -> str | None:
-        """Mark running; returns the previous status ('' if new, terminal if already done)."""
+        self,
+        job_id: str,
+        metadata: Mapping[str, Any],
+        updates: Mapping[str, Any],
+        then: LuaCall | None = None,
+    ) -> tuple[str | None, Any]:
+        """Mark running; returns the previous status ('' if new, terminal if already done)
+        and, unless the job had ended, the reply of ``then`` (run in the same script)."""
         meta = _pairs({"job_id": job_id, **metadata})
         argv = [self.ttl, len(meta) // 2, *meta, *_pairs(updates)]
-        prev = self._start(keys=[self.key(job_id)], args=argv)
-        return prev if prev else None
+        if then is None:
+            return self._start(keys=[self.key(job_id)], args=argv) or None, None
+        script = self._start_then.get(then.source)
+        if script is None:
+            source = _START_FUNCTION + then.source + _START_THEN % then.name
+            script = self._start_then[then.source] = self.client.register_script(source)
+        reply = script(keys=[self.key(job_id), *then.keys], args=[len(argv), *argv, *then.args])
+        return reply[0] or None, reply[1] if len(reply) > 1 else None
 
     def update(self, job_id: str, fields: Mapping[str, Any]) -> None:
         """Set fields of a job (status changes that are not terminal)."""

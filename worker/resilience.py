@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from worker import metrics
+from worker.breaker import Decision
 from worker.contract import JobMessage, utcnow
 from worker.errors import CircuitOpenError, JobError, ProviderError, RetryJob
 from worker.predict import Usage, call_program
@@ -34,11 +35,14 @@ class Served:
     model: str  # the alias that actually served (a fallback, maybe)
 
 
-def serve(rt: Runtime, plan: Plan, msg: JobMessage, usage: Usage, attempt: int) -> Served:
-    """The job's answer; raises RetryJob (retry later) or a JobError (give up)."""
+def serve(rt: Runtime, plan: Plan, msg: JobMessage, usage: Usage, attempt: int,
+          decision: Decision | None = None) -> Served:  # fmt: skip
+    """The job's answer; raises RetryJob (retry later) or a JobError (give up).
+
+    ``decision`` is the primary model's breaker, asked already (as the job started)."""
     primary = plan.route.model
     try:
-        return _serve_with(rt, plan, msg, primary, usage)
+        return _serve_with(rt, plan, msg, primary, usage, decision)
     except CircuitOpenError as exc:
         reason: JobError = exc
     except ProviderError as exc:
@@ -60,13 +64,14 @@ def serve(rt: Runtime, plan: Plan, msg: JobMessage, usage: Usage, attempt: int) 
     raise reason
 
 
-def _serve_with(rt: Runtime, plan: Plan, msg: JobMessage, model: str, usage: Usage) -> Served:
+def _serve_with(rt: Runtime, plan: Plan, msg: JobMessage, model: str, usage: Usage,
+                asked: Decision | None = None) -> Served:  # fmt: skip
     key = plan.key if model == plan.route.model else cache_key(
         plan.route.program, plan.program.version, model, plan.inputs, plan.params
     )  # fmt: skip
 
     def compute() -> dict[str, Any]:
-        decision = rt.breakers.allow(model)
+        decision = asked or rt.breakers.allow(model)
         if not decision.allowed:
             raise CircuitOpenError(model, decision.retry_after)
         try:

@@ -15,6 +15,7 @@ import redis
 from pydantic import ValidationError
 
 from worker import ledger, metrics
+from worker.breaker import Decision
 from worker.contract import JobMessage, field_errors, utcnow
 from worker.cost import CostRecord, cost_usd, price_for
 from worker.errors import (
@@ -127,8 +128,14 @@ def _run(rt: Runtime, msg: JobMessage, *, attempt: int, queue: str) -> dict[str,
         "request_id": msg.request_id,
         "queue": queue,
     }
-    prev = rt.store.start(
-        msg.job_id, meta, {"status": "running", "started_at": utcnow(), "attempts": attempt}
+    # Without the cache, the job calls its model at once: its breaker is asked in the
+    # same round trip that claims the job (one fewer per job on the hot path).
+    ask = rt.breakers.allow_call(plan.route.model) if plan and not msg.use_cache else None
+    prev, reply = rt.store.start(
+        msg.job_id,
+        meta,
+        {"status": "running", "started_at": utcnow(), "attempts": attempt},
+        then=ask,
     )
     if prev in TERMINAL:
         log.info("job already finished; not running it again", extra={"status": prev})
@@ -140,16 +147,17 @@ def _run(rt: Runtime, msg: JobMessage, *, attempt: int, queue: str) -> dict[str,
             assert error is not None
             _finish_failed(rt, msg.job_id, error, cost=None, dims=None)
             raise JobFailed(error.to_dict())
-        return _predict(rt, msg, plan, attempt, meta)
+        decision = rt.breakers.decide(plan.route.model, reply) if reply is not None else None
+        return _predict(rt, msg, plan, attempt, meta, decision)
 
 
-def _predict(rt: Runtime, msg: JobMessage, plan: Plan, attempt: int,
-             meta: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def _predict(rt: Runtime, msg: JobMessage, plan: Plan, attempt: int, meta: dict[str, Any],
+             decision: Decision | None) -> dict[str, Any]:  # fmt: skip
     usage = Usage()
     started = time.perf_counter()
     metrics.ACTIVE.inc()
     try:
-        served = serve(rt, plan, msg, usage, attempt)
+        served = serve(rt, plan, msg, usage, attempt, decision)
     except RetryJob as retry:
         rt.store.update(msg.job_id, {"status": "retrying", "attempts": attempt,
                                      "error": retry.error.to_dict(),
