@@ -148,10 +148,6 @@ class Publisher:
                         queue=msg.priority,
                         request_id=request_id,
                         producer=producer,
-                        # Celery would saferepr() the kwargs of every message (a third of
-                        # the push time) just for Flower's display; the job id says enough.
-                        argsrepr="()",
-                        kwargsrepr=f"{{'job_id': {msg.job_id!r}}}",
                         # The anonymous exchange needs no queue declaration per message.
                         declare=[],
                     )
