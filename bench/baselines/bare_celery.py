@@ -27,6 +27,12 @@ dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
 dspy.configure(disable_history=True)
 
 settings = load_settings(WorkerSettings)
+
+if os.environ.get("BENCH_BARE_KOMBU_PATCH") == "1":
+    # Like-for-like runs: the bare side gets our kombu fix too (worker/kombu_patch.py).
+    from worker import kombu_patch
+
+    kombu_patch.install()
 app = Celery("bare", set_as_current=False)
 app.conf.update(celery_config(settings))
 

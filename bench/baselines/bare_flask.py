@@ -20,6 +20,12 @@ from worker.settings import CommonSettings, load_settings
 
 RESULT_PREFIX = "celery-task-meta-"
 
+if os.environ.get("BENCH_BARE_KOMBU_PATCH") == "1":
+    # Like-for-like runs: the bare side gets our kombu fix too (worker/kombu_patch.py).
+    from worker import kombu_patch
+
+    kombu_patch.install()
+
 
 def create_app() -> Flask:
     """The bare app: /enqueue, /get and /wait."""
