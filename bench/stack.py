@@ -161,10 +161,19 @@ def start_stack() -> Stack:
 
 def peak_rss_mb(pid: int) -> float:
     """A process's peak resident set size (VmHWM), in MB."""
+    return _status_kb(pid, "VmHWM") / 1024
+
+
+def rss_kb(pid: int) -> int:
+    """A process's resident set size now (VmRSS), in kB."""
+    return _status_kb(pid, "VmRSS")
+
+
+def _status_kb(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 def child_pids(pid: int) -> list[int]:

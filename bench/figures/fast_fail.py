@@ -13,6 +13,7 @@ import httpx
 from bench.context import Bench
 from bench.load import percentile
 from bench.report import Figure, median, spread
+from bench.stack import rss_kb
 
 MODEL = "fragile"  # every call fails with a 500; its breaker opens after 3 (bench/stack.py)
 
@@ -61,16 +62,23 @@ def measure(b: Bench) -> list[Figure]:
     """p99 (and p50) over sequential requests, once the breaker is open."""
     p50: dict[str, list[float]] = {"ours": [], "bare": []}
     p99: dict[str, list[float]] = {"ours": [], "bare": []}
+    grown = {"ours": 0, "bare": 0}  # worker RSS kB gained over the failed jobs
     for r in range(b.sizes.rounds):
         for side in b.sides(r):
+            pid = b.stack.children[f"{side}-worker"].proc.pid
+            before = rss_kb(pid)
             lat = (_ours if side == "ours" else _bare)(b, b.sizes.fast_fail_requests)
+            grown[side] += rss_kb(pid) - before
             p50[side].append(percentile(lat, 50))
             p99[side].append(percentile(lat, 99))
             b.say(f"(h) round {r} {side}: p50 {p50[side][-1]:.1f} ms, p99 {p99[side][-1]:.1f} ms")
     ours = median(p99["ours"])
+    failed = b.sizes.rounds * b.sizes.fast_fail_requests
     return [
         Figure("h_fast_fail_p99", ours, "ms", median(p99["bare"]),
                "ms bare Flask+Celery failing task", "< 50 ms", ours < 50,
                [f"p50: ours {median(p50['ours']):.1f} ms, bare {median(p50['bare']):.1f} ms",
+                "worker RSS growth per failed job (never given back): "
+                f"ours {grown['ours'] / failed:.0f} kB, bare {grown['bare'] / failed:.0f} kB",
                 spread("ours p99", p99["ours"]), spread("bare p99", p99["bare"])])
     ]  # fmt: skip
