@@ -28,17 +28,23 @@ class Bench:
         return ("bare", "ours") if round_no % 2 == 0 else ("ours", "bare")
 
 
-def drain_rates(b: Bench, label: str, jobs: int) -> dict[str, list[float]]:
-    """Steady jobs/s per round for each side, draining ``jobs`` jobs per side and round.
+def drain_rates(b: Bench, label: str, jobs: int) -> tuple[dict[str, list[float]], list[str]]:
+    """Steady jobs/s per round for each side, draining ``jobs`` jobs per side and round,
+    and notes on jobs that did not succeed.
 
-    Shared by (a) and (b), which differ only in the mock's latency and the job count.
+    Shared by (a) and (b), which differ only in the mock's latency and the job count. A
+    transient fault (a connection the mock closed) fails a bare task, which has no
+    retries: up to 1 % of a round may fail and is reported; more aborts the run.
     """
     rates: dict[str, list[float]] = {"ours": [], "bare": []}
+    notes = []
     for r in range(b.sizes.rounds):
         for side in b.sides(r):
             times, failed = b.producers.run(side, jobs, f"{label}{r}", timeout=300)
-            if failed:
+            if failed > jobs // 100:
                 raise RuntimeError(f"({label}) {side}: {failed} jobs did not succeed")
+            if failed:
+                notes.append(f"round {r} {side}: {failed} of {jobs} jobs did not succeed")
             rates[side].append(steady_rate(times))
             b.say(f"({label}) round {r} {side}: {rates[side][-1]:.1f} jobs/s")
-    return rates
+    return rates, notes

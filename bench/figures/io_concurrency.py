@@ -14,7 +14,7 @@ def measure(b: Bench) -> list[Figure]:
     """Steady jobs/s against the ideal concurrency/latency; the bare task's rate is a note."""
     b.stack.mock(latency_ms=LATENCY_MS)
     try:
-        rates = drain_rates(b, "b", b.sizes.io_jobs)
+        rates, failures = drain_rates(b, "b", b.sizes.io_jobs)
     finally:
         b.stack.mock(latency_ms=0)
     ours, bare = median(rates["ours"]), median(rates["bare"])
@@ -23,5 +23,5 @@ def measure(b: Bench) -> list[Figure]:
                "ratio >= 0.85", ours >= 0.85 * IDEAL,
                [f"bare Celery task, same settings: {bare:.0f} jobs/s "
                 f"({bare / IDEAL:.2f} of ideal; ours/bare {ours / bare:.2f})",
-                spread("ours", rates["ours"]), spread("bare", rates["bare"])])
+                spread("ours", rates["ours"]), spread("bare", rates["bare"]), *failures])
     ]  # fmt: skip
