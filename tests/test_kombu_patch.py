@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import redis
 from kombu import Connection
 
@@ -30,3 +31,14 @@ def test_channel_reuses_one_client_per_pool(redis_server: RedisServer) -> None:
         assert queue.get(timeout=5).payload["n"] == 3
         queue.close()
     assert redis.Redis.from_url(redis_server.url).ping()
+
+
+def test_closed_channel_raises_a_connection_error(redis_server: RedisServer) -> None:
+    """Celery treats a connection error on ack/requeue as recoverable; AttributeError not."""
+    kombu_patch.install()
+    with Connection(redis_server.url) as conn:
+        channel = conn.channel()
+        channel.close()
+        with pytest.raises(redis.ConnectionError):
+            channel._create_client()
+        assert isinstance(redis.ConnectionError(), conn.connection_errors)

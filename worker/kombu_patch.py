@@ -14,7 +14,10 @@ messages stay in Redis's unacked hash and come back after the visibility timeout
 8 the constructor fills a table of ~200 response callbacks, which our profiles
 put at 7-9 % of a publishing API process (py-spy, bench figure c). A client on a
 pool holds no connection of its own and is thread-safe, so the channel keeps one
-per pool and builds a new one only when the pool is replaced (a reconnect).
+per pool and builds a new one only when the pool is replaced (a reconnect). On a
+closed channel it raises a connection error, not kombu's AttributeError: a job that
+ends just after Redis went away tries to requeue its message there, and Celery
+exits on the AttributeError (seen once in the Redis-restart chaos test).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import functools
 import logging
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 
 log = logging.getLogger("dspy_fleet.worker")
@@ -64,6 +68,12 @@ def _reuse_sync_client() -> None:
     def _create_client(self: Any, asynchronous: bool = False) -> Any:
         if asynchronous:
             return original(self, asynchronous=True)
+        if self._pool is None and self.connection is None:
+            # A closed channel (the broker connection dropped): kombu would fail with
+            # AttributeError, which Celery calls unrecoverable and exits on. As a
+            # connection error, a late ack or requeue of a running job is logged and
+            # the message comes back after the visibility timeout.
+            raise redis.ConnectionError("the broker channel is closed")
         pool = self.pool
         cached = self.__dict__.get("_dspy_fleet_client")
         if cached is not None and cached.connection_pool is pool:
