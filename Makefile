@@ -31,7 +31,7 @@ help:
 	@echo "make run   - install into .venv and start Redis, mock LLM, worker and API (Ctrl-C stops)"
 	@echo "make test  - install into .venv and run the whole test suite against real services"
 	@echo "make chaos - only the chaos suite (worker kills, Redis restart, provider outage)"
-	@echo "make lint  - ruff check and format check"
+	@echo "make lint  - ruff check, format check and mypy (make test runs it first)"
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ not found on PATH (set PYTHON=/path/to/python3.11)"; exit 1; }
@@ -46,8 +46,14 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/dspy-fleet dev
 
-test: venv test-tools bench-tools
-	$(BIN)/python -m pytest
+# Two passes, both always run: the modules that assert no timing, two at a time (each
+# module on one xdist worker: its fixtures start its own services on free ports); then the
+# `serial` ones, which assert latencies or rates, alone. `pytest` alone runs everything in one.
+test: lint test-tools bench-tools
+	@rc=0; \
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not serial" || rc=1; \
+	$(BIN)/python -m pytest -m serial || rc=1; \
+	exit $$rc
 
 # celery-exporter (PyPI prometheus-exporter-celery) pins prometheus-client<0.22 and
 # redis<6, which conflict with ours: it gets its own venv. kombu 5.7 needs redis>=6.1,
@@ -65,7 +71,7 @@ $(EXPORTER_STAMP):
 
 exporter-venv: $(EXPORTER_STAMP)
 
-# What the monitoring tests need besides .venv: promtool (Debian package `prometheus`,
+# What the monitoring tests need besides .venv: promtool and prometheus (Debian package `prometheus`,
 # installed where apt exists) and the exporter's venv. Fast no-op once present.
 test-tools: $(EXPORTER_STAMP)
 	$(call apt_install,promtool,prometheus,its tests skip off CI and fail when CI=true)
@@ -75,9 +81,11 @@ test-tools: $(EXPORTER_STAMP)
 chaos: venv test-tools
 	$(BIN)/python -m pytest tests/chaos -s -p no:cacheprovider
 
+# Lint and types: ruff (style, imports) and mypy (dspy_fleet, api, worker; pyproject.toml).
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

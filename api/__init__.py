@@ -10,9 +10,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from worker.logs import configure_logging
+from dspy_fleet.logs import configure_logging
 
-if TYPE_CHECKING:  # the SDK (api.client) must import without Flask installed
+if TYPE_CHECKING:  # the SDK (dspy_fleet.client) must import without Flask installed
     from flask import Flask
 
 log = logging.getLogger("dspy_fleet.api")
@@ -22,19 +22,23 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the API: defaults, then the environment (DSPY_FLEET_*), then ``test_config``."""
     from flask import Flask
 
-    from api import auth, errors, metrics, middleware, openapi, services
+    from api import auth, body, errors, limits, metrics, middleware, openapi, rate_limit, services
     from api import batches as batch_store
-    from api.routes import batches, catalog, predictions, system
+    from api.routes import batches, catalog, predictions, system, usage
     from api.routes import config as config_routes
     from api.settings import ApiSettings
-    from worker.fleet_config import load_fleet_config
-    from worker.settings import load_settings
+    from dspy_fleet.fleet_config import load_fleet_config
+    from dspy_fleet.settings import check_redelivery_window, load_settings
+    from dspy_fleet.store.breakers import read_states
+    from dspy_fleet.store.pacing import Pacer, configured_rpm, scopes_for
 
     overrides = dict(test_config or {})
     settings = load_settings(ApiSettings, **overrides.pop("settings", {}))
     if not overrides.pop("keep_logging", False):
         configure_logging(settings.log_level, service="api")
     config = load_fleet_config(settings.config)
+    # Its Celery app's visibility timeout counts too (the shortest on a broker wins).
+    check_redelivery_window(settings, config)
     keyring = auth.keyring_from(settings)
 
     app = Flask(__name__)
@@ -45,15 +49,28 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     app.config.update(overrides)
     services.init_app(app, settings, config)
-    metrics.init_app(app, settings.broker)
+    svc = app.extensions["dspy_fleet"]
+    models = list(config.models)
+    pacer = Pacer(svc.redis, scopes_for(config))  # read at scrape time only
+
+    def rate_limits() -> dict[str, tuple[float | None, int | None]]:
+        return {m: (pacer.effective_rpm(m), configured_rpm(config, m)) for m in models}
+
+    metrics.init_app(app, settings.broker, breaker_states=lambda: read_states(svc.redis, models),
+                     rate_limits=rate_limits)  # fmt: skip
     batch_store.init_app(app, settings)
     middleware.init_app(app)
+    body.init_app(app)
     auth.init_app(app, keyring)
+    # After auth: both limits are per tenant.
+    rate_limit.init_app(app, settings, svc.redis)
+    limits.init_app(app, settings)
     errors.register_error_handlers(app)
     app.register_blueprint(system.bp)
     app.register_blueprint(predictions.bp)
     app.register_blueprint(catalog.bp)
     app.register_blueprint(batches.bp)
+    app.register_blueprint(usage.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(config_routes.bp)
     log.info("api ready to serve", extra={"env": settings.env, "programs": len(config.programs)})

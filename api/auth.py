@@ -4,7 +4,8 @@ DSPY_FLEET_API_KEYS is a comma-separated list of ``tenant:sha256hex`` entries, w
 ``:admin`` appended for keys that see every tenant (`dspy-fleet api-key new` makes
 one). Keys are random 32-byte tokens, so a plain SHA-256 suffices (no password
 stretching needed), and every configured hash is compared in constant time.
-With no keys the API runs open, as one tenant, and says so loudly.
+With no keys the API runs open, as one tenant, and says so loudly. That tenant's name
+(``anonymous``, contract.DEFAULT_TENANT) is reserved: no key may be configured for it.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from dataclasses import dataclass
 
 from flask import Flask, g, request
 
-from api.errors import ApiError
 from api.settings import ApiSettings
-from worker.contract import DEFAULT_TENANT
-from worker.errors import ConfigError
+from dspy_fleet.contract import DEFAULT_TENANT
+from dspy_fleet.errors import ConfigError, ForbiddenError, UnauthorizedError
 
 log = logging.getLogger("dspy_fleet.api.auth")
 
@@ -29,21 +29,6 @@ _ENTRY = re.compile(r"^(?P<tenant>[\w.:-]{1,64}?):(?P<hash>[0-9a-f]{64})(?P<admi
 # Paths anyone may call: probes, metrics, the service index and the API docs.
 PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/openapi.json", "/docs"})
 PUBLIC_PREFIXES = ("/static/", "/docs/")
-
-
-class Unauthorized(ApiError):
-    """No key, or a key that matches no configured hash."""
-
-    status = 401
-    code = "unauthorized"
-    headers = {"WWW-Authenticate": "Bearer"}
-
-
-class Forbidden(ApiError):
-    """A valid key without the rights for this endpoint (e.g. admin-only)."""
-
-    status = 403
-    code = "forbidden"
 
 
 @dataclass(frozen=True)
@@ -76,6 +61,14 @@ def parse_keys(raw: str) -> list[Key]:
             # Never echo the entry: it might be a raw key pasted by mistake.
             raise ConfigError(
                 f"DSPY_FLEET_API_KEYS: entry {i + 1} is not 'tenant:<64 hex sha256>[:admin]'"
+            )
+        if m["tenant"].lower() == DEFAULT_TENANT:
+            # Jobs without a tenant (open mode, direct producers) belong to this name: a
+            # key for it would see every one of them.
+            raise ConfigError(
+                f"DSPY_FLEET_API_KEYS: entry {i + 1} uses the reserved tenant name "
+                f"{DEFAULT_TENANT!r} (it owns every job submitted without a tenant); "
+                "choose another tenant name"
             )
         keys.append(Key(m["tenant"], bytes.fromhex(m["hash"]), m["admin"] is not None))
     return keys
@@ -134,7 +127,7 @@ def init_app(app: Flask, keyring: KeyRing) -> None:
             if request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
                 g.tenant, g.is_admin, g.tenant_filter = None, False, None
                 return
-            raise Unauthorized(
+            raise UnauthorizedError(
                 "missing or invalid API key: send 'Authorization: Bearer <key>'"
                 if header else "this endpoint needs an API key: 'Authorization: Bearer <key>'"
             )  # fmt: skip
@@ -151,4 +144,4 @@ def visible(owner: str | None) -> bool:
 def require_admin() -> None:
     """403 unless the caller is an admin (or the API runs open)."""
     if not g.get("is_admin"):
-        raise Forbidden("this endpoint is for admin keys only")
+        raise ForbiddenError("this endpoint is for admin keys only")

@@ -1,69 +1,29 @@
-"""The API's errors and the one JSON error body every failure is rendered as."""
+"""The one JSON error body every failure is rendered as, and the handlers that render it.
+
+The errors themselves live in dspy_fleet/errors.py and carry their code, HTTP status
+and headers, so one handler renders them all; only foreign exceptions (werkzeug's,
+Redis's, the broker's, anything unexpected) are translated here.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from flask import Flask, Response, g, jsonify
+from kombu.exceptions import OperationalError as KombuOperationalError
 from werkzeug.exceptions import HTTPException
 
-from worker.errors import FleetError
+from api.body import too_large
+from dspy_fleet.errors import (
+    BrokerUnavailableError,
+    FleetError,
+    RedisUnavailableError,
+)
 
 log = logging.getLogger("dspy_fleet.api")
-
-
-class ApiError(Exception):
-    """An error the API answers with; ``status`` is the HTTP code."""
-
-    status = 500
-    code = "internal_error"
-    headers: dict[str, str] = {}
-
-    def __init__(
-        self, message: str, *, details: dict[str, Any] | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details or {}
-        if code:
-            self.code = code
-
-
-class BadRequest(ApiError):
-    """The request cannot be read at all (e.g. malformed JSON)."""
-
-    status = 400
-    code = "invalid_json"
-
-
-class ValidationFailed(ApiError):
-    """The request is readable but breaks the schema; details name the fields."""
-
-    status = 422
-    code = "validation_error"
-
-
-class NotFound(ApiError):
-    """Unknown id, program, model or route."""
-
-    status = 404
-    code = "not_found"
-
-
-class Conflict(ApiError):
-    """The request clashes with the resource's state (e.g. cancelling a running job)."""
-
-    status = 409
-    code = "conflict"
-
-
-class ServiceUnavailable(ApiError):
-    """A dependency (Redis, the broker) is down; the request was not accepted."""
-
-    status = 503
-    code = "service_unavailable"
 
 
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -91,6 +51,11 @@ def _respond(
     return resp
 
 
+def render(exc: FleetError) -> Response:
+    """Any of our errors as the one JSON body, with its status and headers."""
+    return _respond(exc.http_status or 500, exc.code, exc.message, exc.details, exc.headers)
+
+
 # Werkzeug's HTTP errors, named the way our clients see them.
 _HTTP_CODES = {
     400: "bad_request",
@@ -105,38 +70,43 @@ _HTTP_CODES = {
 }
 
 
+# Exceptions of a dependency that no code path translated, by cause: (our error, message).
+_DEPENDENCY_ERRORS: dict[type[Exception], tuple[type[FleetError], str]] = {
+    redis.RedisError: (RedisUnavailableError, "Redis is unavailable; try again shortly."),
+    KombuOperationalError: (
+        BrokerUnavailableError,
+        "the job queue is unavailable; try again shortly.",
+    ),
+}
+
+
+def _dependency_handler(ours: type[FleetError], message: str) -> Callable[[Exception], Response]:
+    """A handler rendering a dependency's exception as ``ours`` (a 503 naming the cause)."""
+
+    def handle(exc: Exception) -> Response:
+        log.warning("%s: %s", ours.code, exc)
+        return render(ours(message, details={"reason": type(exc).__name__}))
+
+    return handle
+
+
 def register_error_handlers(app: Flask) -> None:
     """Map every error, ours or not, to the one JSON shape; nothing escapes as HTML."""
 
-    @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError) -> Response:
-        return _respond(exc.status, exc.code, exc.message, exc.details, exc.headers)
-
     @app.errorhandler(FleetError)
     def _fleet_error(exc: FleetError) -> Response:
-        return _respond(422, exc.code, exc.message, exc.details)
+        return render(exc)
 
-    @app.errorhandler(redis.RedisError)
-    def _redis_error(exc: redis.RedisError) -> Response:
-        log.warning("redis unavailable: %s", exc)
-        return _respond(
-            503,
-            "redis_unavailable",
-            "Redis is unavailable; try again shortly.",
-            {"reason": type(exc).__name__},
-            {"Retry-After": "1"},
-        )
+    # A dependency's own exception that no code path translated: named by its cause.
+    for foreign, (ours, message) in _DEPENDENCY_ERRORS.items():
+        app.register_error_handler(foreign, _dependency_handler(ours, message))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        code = _HTTP_CODES.get(status, "http_error")
-        message = exc.description or exc.name
         if status == 413:
-            limit = app.config.get("MAX_CONTENT_LENGTH")
-            message = f"request body is larger than the limit of {limit} bytes"
-            return _respond(status, code, message, {"limit_bytes": limit})
-        resp = _respond(status, code, message)
+            return render(too_large(int(app.config.get("MAX_CONTENT_LENGTH") or 0)))
+        resp = _respond(status, _HTTP_CODES.get(status, "http_error"), exc.description or exc.name)
         allowed = getattr(exc, "valid_methods", None)
         if allowed:
             resp.headers["Allow"] = ", ".join(allowed)

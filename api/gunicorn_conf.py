@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import logging
 import os
+import resource
 import shutil
 import tempfile
 from typing import Any
 
 from api.settings import ApiSettings
-from worker.logs import CONTEXT_FIELDS, current_context
-from worker.settings import load_settings
+from dspy_fleet.errors import ConfigError
+from dspy_fleet.logs import CONTEXT_FIELDS, current_context
+from dspy_fleet.settings import load_settings
 
 _settings = load_settings(ApiSettings)
+
+
+def _require_gevent() -> None:
+    """Refuse to start the evented worker without gevent (no silent fallback to threads:
+    that would turn thousands of held waits into a dozen)."""
+    if importlib.util.find_spec("gevent") is None:
+        raise ConfigError(
+            "DSPY_FLEET_API_WORKER_CLASS=gevent needs the gevent package (pip install "
+            "'dspy-fleet[api]'); install it or set DSPY_FLEET_API_WORKER_CLASS=gthread"
+        )
+
+
+def _raise_fd_limit(needed: int) -> None:
+    """Raise this process's open-file limit (inherited by the workers) to ``needed``.
+
+    The soft limit is often 1,024, below what thousands of held connections need; the
+    hard limit is what the system allows. ConfigError when even that is too low.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise ConfigError(
+                f"DSPY_FLEET_API_CONNECTIONS ({_settings.api_connections}) needs {needed} "
+                f"open files per API process, but the limit is {hard} (ulimit -Hn): lower "
+                "DSPY_FLEET_API_CONNECTIONS or raise the limit"
+            )
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
 
 # Several gunicorn workers must report one set of metrics: prometheus-client's
 # multiprocess mode. The directory is set here, in the master, before any worker
@@ -26,8 +58,18 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 bind = f"{_settings.api_host}:{_settings.api_port}"
 workers = _settings.api_workers
-threads = _settings.api_threads
-worker_class = "gthread"
+worker_class = _settings.api_worker_class
+if worker_class == "gevent":
+    # Each connection is served on a greenlet: a held `wait` costs a greenlet and a
+    # socket, not a thread. gunicorn's gevent worker monkey-patches the standard library
+    # in each worker before it loads the app (the app is not preloaded in the master).
+    _require_gevent()
+    worker_connections = _settings.api_connections
+    _raise_fd_limit(_settings.fds_needed)
+    # Room in the accept queue for a burst of clients the size of one process's slots.
+    backlog = max(2048, _settings.api_connections)
+else:
+    threads = _settings.api_threads
 # A request may legitimately be held for max_wait_seconds; kill only past that.
 timeout = int(_settings.max_wait_seconds) + 30
 # SIGTERM: stop accepting, let in-flight requests (including waits) finish.
@@ -83,6 +125,13 @@ def on_starting(server: Any) -> None:
     for name in os.listdir(_metrics_dir):
         if name.endswith(".db"):
             os.unlink(os.path.join(_metrics_dir, name))
+
+
+def post_worker_init(worker: Any) -> None:
+    """Keep what the worker built at start-up (imports, the app: most of its objects) out of
+    the garbage collector's full passes: with thousands of requests held, each full pass
+    otherwise scans them all and stalls every request of the process meanwhile."""
+    gc.freeze()
 
 
 def child_exit(server: Any, worker: Any) -> None:

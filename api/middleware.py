@@ -10,7 +10,7 @@ import uuid
 from flask import Flask, Response, g, request
 
 from api import metrics
-from worker.logs import bind_context, reset_context
+from dspy_fleet.logs import bind_context, reset_context
 
 log = logging.getLogger("dspy_fleet.api.access")
 # Accept the client's id only when it is a sane token; otherwise mint our own.

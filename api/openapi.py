@@ -18,12 +18,12 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, url_for
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from api import schemas
-from worker.contract import PredictRequest
-from worker.producer import BatchItem
+from dspy_fleet import __version__ as VERSION
+from dspy_fleet import schemas
+from dspy_fleet.contract import BatchItem, PredictRequest
 
 bp = Blueprint("docs", __name__)
-VERSION = "0.1.0"
+
 REF = "#/components/schemas/{model}"
 NDJSON = "application/x-ndjson"
 
@@ -53,6 +53,24 @@ def _query(name: str, schema: dict[str, Any], what: str) -> dict[str, Any]:
 
 JOB_ID = _path_param("job_id", "The prediction's id.")
 BATCH_ID = _path_param("batch_id", "The batch's id.")
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "Names the batch: the same key and items again (a retry) give the same "
+                   "batch and job ids, so no item runs or bills twice; missing items are added.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+}  # fmt: skip
+CALLBACK_URL = _query(
+    "callback_url",
+    {"type": "string", "minLength": 1, "maxLength": 2048},
+    "Webhook called once when the batch ends, with the batch object (README, Webhooks): an "
+    "absolute http(s) URL without credentials, the same rules as an item's `callback_url`.",
+)
+CALLBACK_ITEMS = _query(
+    "callback_items",
+    {"type": "boolean", "default": False},
+    "Also call `callback_url` as each item ends, with its prediction (items with a "
+    "callback_url of their own use theirs).",
+)
 OBJ = {"type": "object"}
 E = schemas.ErrorResponse
 
@@ -78,7 +96,10 @@ OPERATIONS: list[Op] = [
         "400": ("The body is not JSON.", E),
         "404": ("Unknown program, model or variant.", E),
         "413": ("Body over the size limit.", E),
-        "422": ("The body breaks the schema; `details.errors` names the fields.", E),
+        "422": ("The body breaks the schema; `details.errors` names the fields; or "
+                "`callback_url` is refused by the SSRF guard (`callback_url_refused`).", E),
+        "429": ("`quota_exceeded`: a tenant quota is used up (`details.quota`); nothing "
+                "was queued. `Retry-After`: seconds until it resets.", E),
         "503": ("The queue is unavailable; the job was not accepted.", E)},
        body=PredictRequest),
     Op("get", "/v1/predictions/<job_id>", "A prediction's status and result", "predictions",
@@ -93,13 +114,19 @@ OPERATIONS: list[Op] = [
         "409": ("Already running or ended (`not_cancellable`); running jobs finish.", E)},
        params=[JOB_ID]),
     Op("post", "/v1/batches", "Submit a batch of predictions", "batches",
-       {"202": ("Accepted; invalid items are listed in `errors` (they never run).",
+       {"202": ("Accepted; invalid items and items Redis refused are listed in `errors` "
+                "(they never run); `accepted`/`rejected` name the items by custom_id.",
                 schemas.BatchCreated),
         "400": ("The body is not JSON.", E),
         "413": ("Body over the size limit.", E),
-        "422": ("Not an array, empty, or more items than allowed.", E),
-        "503": ("The queue is unavailable; the batch was not accepted.", E)},
-       body=BatchItem),
+        "422": ("Not an array, empty, or more items than allowed; or the Idempotency-Key "
+                "was used before with other items (`idempotency_key_reused`); or the "
+                "batch's `callback_url` is refused (`callback_url_refused`).", E),
+        "429": ("`quota_exceeded`: the items would pass a tenant quota (`details.quota`); "
+                "none was queued. `Retry-After`: seconds until it resets.", E),
+        "503": ("Redis is unavailable; no item was accepted (with an Idempotency-Key, "
+                "`details.batch_id` names the batch to retry).", E)},
+       body=BatchItem, params=[IDEMPOTENCY_KEY, CALLBACK_URL, CALLBACK_ITEMS]),
     Op("get", "/v1/batches/<batch_id>", "A batch's status and counts", "batches",
        {"200": ("The batch.", schemas.Batch), "404": ("No such batch.", E)},
        params=[BATCH_ID]),
@@ -119,15 +146,25 @@ OPERATIONS: list[Op] = [
     Op("get", "/v1/programs", "Registered programs and models", "catalog",
        {"200": ("Programs with their fields and variants, and models.", OBJ)}),
     Op("get", "/costs", "Fleet-wide cost and token totals", "catalog",
-       {"200": ("Totals and breakdowns.", OBJ), "422": ("Bad date range.", E)},
+       {"200": ("Totals and breakdowns; each tenant entry with its `limits`, and `budgets`: "
+                "each tenant's usage against them (as GET /v1/usage).", OBJ),
+        "422": ("Bad date range.", E)},
        params=[_query("since", {"type": "string", "format": "date"}, "First day (UTC)."),
                _query("until", {"type": "string", "format": "date"}, "Last day (UTC).")]),
+    Op("get", "/v1/usage", "The caller's usage against its quotas and budget", "catalog",
+       {"200": ("Requests and tokens today, USD this month, each with its limit (null: "
+                "unlimited) and reset time; with `all=true`, `{tenants: {name: usage}}`.",
+                schemas.UsageAnswer),
+        "403": ("Another tenant's usage, asked without an admin key.", E),
+        "422": ("`all` is not true or false.", E)},
+       params=[_query("tenant", {"type": "string"}, "Admin only: this tenant's usage."),
+               _query("all", {"type": "boolean"}, "Admin only: every tenant's usage.")]),
 ]  # fmt: skip
 
 BODY_MODELS: list[type[BaseModel]] = [PredictRequest, BatchItem]
 RESPONSE_MODELS: list[type[BaseModel]] = [
     schemas.ErrorResponse, schemas.Prediction, schemas.Batch, schemas.BatchCreated,
-    schemas.BatchResultLine,
+    schemas.BatchResultLine, schemas.UsageAnswer,
 ]  # fmt: skip
 
 

@@ -16,18 +16,25 @@ from flask import Flask, current_app
 from kombu.exceptions import OperationalError
 
 from api import metrics
-from api.errors import ServiceUnavailable
 from api.settings import ApiSettings
-from worker import jobs, ledger
-from worker.cache import count_l2, l2_key, parse_l2, read_l2
-from worker.catalog import CatalogReader
-from worker.celery_config import make_celery, send_job
-from worker.contract import JobMessage, utcnow
-from worker.cost import CostRecord, cost_usd, price_for
-from worker.fleet_config import FleetConfig
-from worker.jobs import JobStore
+from api.waiter import JobWaiter
+from dspy_fleet.broker.celery_config import make_celery, send_job
+from dspy_fleet.contract import JobMessage, utcnow
+from dspy_fleet.cost import CostRecord, price_for
+from dspy_fleet.errors import BrokerUnavailableError, RedisUnavailableError
+from dspy_fleet.fleet_config import FleetConfig
+from dspy_fleet.store import jobs, ledger
+from dspy_fleet.store.cache import l2_key, parse_l2, read_l2
+from dspy_fleet.store.catalog import CatalogReader
+from dspy_fleet.store.jobs import JobStore
+from dspy_fleet.store.quotas import Counted, QuotaBook
+from dspy_fleet.webhooks.urls import AllowList
 
 log = logging.getLogger("dspy_fleet.api")
+
+# Longest a request waits for a free connection of its process's Redis pool before
+# 503 redis_unavailable (a hung Redis frees each connection within its read timeout).
+POOL_WAIT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -43,24 +50,58 @@ class Services:
     def __init__(self, settings: ApiSettings, config: FleetConfig) -> None:
         self.settings = settings
         self.config = config
-        # Short timeouts: a Redis outage must become a quick 503, not a hung request.
-        self.redis = redis.Redis.from_url(
+        # Short timeouts and no retries: a Redis outage must become a quick 503, not a
+        # hung request (the bound is in README, Reliability: redis_timeout_seconds each).
+        # A bounded pool: under gevent a burst of thousands of requests would otherwise
+        # open a connection each (and keep them all, idle, for good). Past the bound a
+        # request waits for a free connection, up to POOL_WAIT_SECONDS: in a burst that
+        # wait is for the CPU (a greenlet holds its connection until it runs again), as a
+        # request queued for a thread would. The waiter's subscriber holds one for good.
+        self.redis = bounded_client(
             settings.redis_url,
+            settings.api_redis_connections,
+            timeout=POOL_WAIT_SECONDS,
             decode_responses=True,
-            socket_timeout=3,
-            socket_connect_timeout=2,
             health_check_interval=10,
             retry_on_timeout=False,
+            **settings.redis_timeouts,
         )
-        self.store = JobStore(self.redis, settings.job_ttl_seconds)
+        self.store = JobStore(self.redis, settings.job_ttl_seconds,
+                              recovery_after=settings.recovery_after_seconds)  # fmt: skip
+        # A separate cache Redis is only a fast path: its timeout is capped at 1 s.
+        cache_timeout = min(1.0, settings.redis_timeout_seconds)
         self.cache_redis = (
             self.redis
             if settings.cache_redis == settings.redis_url
-            else redis.Redis.from_url(settings.cache_redis, decode_responses=True,
-                                      socket_timeout=1, socket_connect_timeout=1)
+            else bounded_client(settings.cache_redis, settings.api_redis_connections,
+                                timeout=POOL_WAIT_SECONDS, decode_responses=True,
+                                socket_timeout=cache_timeout,
+                                socket_connect_timeout=cache_timeout)
         )  # fmt: skip
         self.catalog = CatalogReader(self.redis, settings.catalog_ttl_seconds)
+        self.quotas = QuotaBook(self.redis, config.tenants)
+        # Wakes long-polling requests; made on first use (api/routes/predictions.py).
+        self.waiter: JobWaiter | None = None
         self.celery: Celery = make_celery(settings, publisher=True)
+        # DSPY_FLEET_CALLBACK_ALLOW (validated with the settings), for the SSRF guard.
+        self.callback_allow = AllowList.parse(settings.callback_allow)
+
+    def admit(self, tenant: str, requests: int = 1) -> Counted | None:
+        """Count ``requests`` against the tenant's quotas before anything is queued: raises
+        QuotaExceededError (429) when one is used up, RedisUnavailableError (503) when Redis
+        fails. None for a tenant without quotas."""
+        try:
+            return self.quotas.admit(tenant, requests)
+        except redis.RedisError as exc:
+            raise _redis_unavailable(exc) from None
+
+    def refund(self, counted: Counted | None, requests: int | None = None) -> None:
+        """Give back counted requests that were not accepted (a replay, a refused record);
+        a Redis failure leaves them counted (the tenant's loss, logged)."""
+        try:
+            self.quotas.refund(counted, requests)
+        except redis.RedisError as exc:
+            log.warning("could not give back requests counted against a quota: %s", exc)
 
     def submit(
         self, message: JobMessage, record: dict[str, Any], *, request_id: str | None,
@@ -73,13 +114,13 @@ class Services:
         the cache on the job store's Redis, the lookup and the record are one script.
 
         The job is accepted once its record, with a copy of its message, is in Redis:
-        if the publish then fails, the worker's recovery sweep publishes it later
+        if the publish then fails, the workers' due sweep publishes it later
         (worker/recovery.py), so the answer is still 202. If Redis refuses the record,
-        503 broker_unavailable: nothing was accepted.
+        503 redis_unavailable: nothing was accepted.
         """
         kwargs = message.model_dump(mode="json", exclude_none=True)  # stored and published
         if cache_key is not None and self.cache_redis is not self.redis:
-            hit = read_l2(self.cache_redis, cache_key)
+            hit = read_l2(self.cache_redis, cache_key, metrics.count_cache_op)
             if hit is not None:
                 return CacheHit(hit)
             cache_key = None
@@ -91,11 +132,11 @@ class Services:
                 existing = self.store.get(message.job_id)
                 return existing or {**record, "job_id": message.job_id}, False
         except redis.RedisError as exc:
-            raise _broker_unavailable(exc) from None
+            raise _redis_unavailable(exc) from None
         try:
             self.enqueue(message, kwargs, request_id=request_id)
-        except ServiceUnavailable:
-            log.warning("job recorded but not published; the recovery sweep will publish it",
+        except BrokerUnavailableError:
+            log.warning("job recorded but not published; the due sweep will publish it",
                         extra={"job_id": message.job_id})  # fmt: skip
         job = jobs.decode(jobs.encode(record))  # the same strings a later GET reads
         return {**job, "job_id": message.job_id, "status": "queued"}, True
@@ -107,11 +148,11 @@ class Services:
             return self.store.create(job_id, record, message=kwargs)
         out = self.store.create_unless_cached(job_id, record, kwargs, l2_key(cache_key))
         if not isinstance(out, str):
-            count_l2("miss")
+            metrics.count_cache_op("l2", "miss")
             return out
-        hit = parse_l2(out)
+        hit = parse_l2(out, metrics.count_cache_op)
         if hit is not None:
-            count_l2("hit")
+            metrics.count_cache_op("l2", "hit")
             return CacheHit(hit)
         # A corrupt entry (counted as an error by parse_l2) is a miss: create the job.
         return self.store.create(job_id, record, message=kwargs)
@@ -121,14 +162,11 @@ class Services:
     ) -> dict[str, Any]:
         """Record a job that was born finished from an L2 cache entry, billed once at cost 0."""
         model = self.config.models[record["model"]]
-        price = price_for(model, use_litellm_map=False)
-        saved_in, saved_out = int(hit.get("input_tokens") or 0), int(hit.get("output_tokens") or 0)
-        cost = CostRecord(
-            model=record["model"], provider_model=model.litellm_model, input_tokens=0,
-            output_tokens=0, cost_usd=0.0, cached=True,
+        # No price table here (the API never imports litellm): only configured prices.
+        cost = CostRecord.cache_hit(
+            record["model"], model, hit, price=price_for(model),
             latency_ms=round((time.perf_counter() - started) * 1000, 2), attempts=0,
-            variant=record["variant"], saved_input_tokens=saved_in, saved_output_tokens=saved_out,
-            saved_cost_usd=cost_usd(price, saved_in, saved_out),
+            variant=record["variant"],
         ).to_dict()  # fmt: skip
         now = utcnow()
         fields = {**record, "status": "succeeded", "outputs": hit["outputs"], "cost": cost,
@@ -139,7 +177,7 @@ class Services:
             created = self.store.create(message.job_id, fields, bill=bill)
             existing = None if created else self.store.get(message.job_id)
         except redis.RedisError as exc:
-            raise _broker_unavailable(exc) from None
+            raise _redis_unavailable(exc) from None
         if existing is not None:
             return existing
         return {**jobs.decode(jobs.encode(fields)), "job_id": message.job_id}
@@ -161,11 +199,28 @@ class Services:
         metrics.JOBS_ENQUEUED.labels(message.priority).inc()
 
 
-def _broker_unavailable(exc: Exception) -> ServiceUnavailable:
+def bounded_client(url: str, max_connections: int, *, timeout: float, **kwargs: Any) -> redis.Redis:
+    """A Redis client on a pool of at most ``max_connections`` connections; a command that
+    finds them all busy waits up to ``timeout`` seconds for one, then raises
+    redis.ConnectionError. ``kwargs`` are the connections' options, as for from_url."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout, **kwargs
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+def _broker_unavailable(exc: Exception) -> BrokerUnavailableError:
     log.warning("broker refused a job: %s", exc)
-    return ServiceUnavailable(
+    return BrokerUnavailableError(
         "the job queue is unavailable; the job was not accepted, retry shortly",
-        code="broker_unavailable",
+        details={"reason": type(exc).__name__},
+    )
+
+
+def _redis_unavailable(exc: Exception) -> RedisUnavailableError:
+    log.warning("Redis refused a job record: %s", exc)
+    return RedisUnavailableError(
+        "the job store is unavailable; the job was not accepted, retry shortly",
         details={"reason": type(exc).__name__},
     )
 

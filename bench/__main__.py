@@ -18,8 +18,10 @@ from bench.figures import (
     added_latency,
     cache_hits,
     coalescing,
+    dead_receiver,
     enqueue_rate,
     fast_fail,
+    held_waits,
     io_concurrency,
     memory,
     worker_throughput,
@@ -27,7 +29,7 @@ from bench.figures import (
 from bench.producers import Producers
 from bench.report import MODES, Figure
 from bench.stack import Stack, start_stack
-from worker.dev.procs import wait_until
+from dspy_fleet.devtools.procs import wait_until
 
 WARMUP_JOBS = 64
 
@@ -80,6 +82,7 @@ def run(mode: str) -> list[Figure]:
         figures += added_latency.measure(b)
         figures += coalescing.measure(b)
         figures += fast_fail.measure(b)
+        figures += dead_receiver.measure(b)
         cache_hits.seed(b)
         figures += memory.worker(b)
         # Phase 2, workers stopped: the APIs' request rates, with no consumer taking CPU.
@@ -87,6 +90,8 @@ def run(mode: str) -> list[Figure]:
         figures += enqueue_rate.measure(b)
         figures += cache_hits.measure(b)
         figures += memory.api(b)
+        # Last: thousands of held requests would raise the APIs' peak RSS of (g).
+        figures += held_waits.measure(b, mode)
         return sorted(figures, key=lambda f: f.name)
     finally:
         if producers is not None:

@@ -7,9 +7,9 @@ import uuid
 from celery import Celery
 
 from bench.load import Completions
-from worker.celery_config import make_celery
-from worker.contract import TASK_NAME, utcnow
-from worker.settings import CommonSettings, load_settings
+from dspy_fleet.broker.celery_config import make_celery
+from dspy_fleet.contract import TASK_NAME, utcnow
+from dspy_fleet.settings import CommonSettings, load_settings
 
 
 class Producers:
@@ -20,8 +20,9 @@ class Producers:
         self.bare: Celery = make_celery(load_settings(CommonSettings, redis_url=bare_redis))
         self.completions = Completions(ours_redis)  # pub/sub channels span databases
 
-    def publish(self, side: str, n: int, tag: str) -> list[str]:
-        """Send ``n`` jobs with distinct questions (no cache can answer them); their ids."""
+    def publish(self, side: str, n: int, tag: str, callback_url: str | None = None) -> list[str]:
+        """Send ``n`` jobs with distinct questions (no cache can answer them); their ids.
+        ``callback_url`` (ours only) asks for a webhook when each ends (figure j)."""
         ids = []
         for i in range(n):
             job_id = str(uuid.uuid4())
@@ -29,6 +30,8 @@ class Producers:
             if side == "ours":
                 kwargs = {"v": 1, "job_id": job_id, "submitted_at": utcnow().isoformat(),
                           "input": question, "use_cache": False}  # fmt: skip
+                if callback_url is not None:
+                    kwargs["callback_url"] = callback_url
                 self.ours.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue="interactive")
             else:
                 self.bare.send_task("bare.predict", kwargs={"question": question},
@@ -36,9 +39,11 @@ class Producers:
             ids.append(job_id)
         return ids
 
-    def run(self, side: str, n: int, tag: str, timeout: float) -> tuple[list[float], int]:
+    def run(
+        self, side: str, n: int, tag: str, timeout: float, callback_url: str | None = None
+    ) -> tuple[list[float], int]:
         """Publish ``n`` jobs and wait for them: (completion times, jobs not succeeded)."""
-        ids = self.publish(side, n, tag)
+        ids = self.publish(side, n, tag, callback_url)
         done = self.completions.wait(ids, timeout)
         failed = n - sum(1 for _, status in done if status == "SUCCESS")
         return [t for t, _ in done], failed

@@ -19,8 +19,8 @@ class Sizes:
 
 
 MODES = {
-    "smoke": Sizes(rounds=1, worker_jobs=150, io_jobs=192, http_seconds=2,
-                   latency_requests=100, fast_fail_requests=30),
+    "smoke": Sizes(rounds=1, worker_jobs=100, io_jobs=128, http_seconds=1,
+                   latency_requests=50, fast_fail_requests=20),
     "quick": Sizes(rounds=1, worker_jobs=400, io_jobs=640, http_seconds=4,
                    latency_requests=300, fast_fail_requests=100),
     "full": Sizes(rounds=3, worker_jobs=1500, io_jobs=2560, http_seconds=10,

@@ -1,22 +1,20 @@
 """Start and stop what a bench run measures: Redis, the mock LLM, our stack and the bare one.
 
-Everything runs as its own process on a free port on 127.0.0.1, with the same
-gunicorn and Celery settings for ours and the baseline's.
+Everything runs as its own process on a free port on 127.0.0.1, started by the project's
+one stack builder (dspy_fleet/devtools/stack.py), with the same gunicorn and Celery
+settings for ours and the baseline's.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from worker.dev.procs import Child, free_port, http_ok, wait_until
-from worker.dev.redis import RedisServer
+from dspy_fleet.devtools import stack
+from dspy_fleet.devtools.procs import child_pids as child_pids  # memory figures use it
+from dspy_fleet.devtools.services import Service
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,117 +44,91 @@ programs:
 """
 
 
-@dataclass
-class Stack:
-    """All processes of one bench run and where they listen."""
+# What the bare worker gets on its command line: `dspy-fleet worker` runs exactly these
+# options from its settings (the defaults).
+BARE_WORKER_ARGS = ["--pool", "threads", "--concurrency", "64", "--queues", "interactive,batch",
+                    "--task-events", "--without-mingle", "--loglevel", "INFO"]  # fmt: skip
+BARE_CELERY_APP = "bench.baselines.bare_celery"
+BARE_FLASK_APP = "bench.baselines.bare_flask:create_app()"
 
-    workdir: Path
-    redis: RedisServer
-    mock_base: str
-    ours_redis: str  # db 0
-    bare_redis: str  # db 1: separate queues, same server
-    children: dict[str, Child] = field(default_factory=dict)
-    urls: dict[str, str] = field(default_factory=dict)
+
+class Stack(stack.Stack):
+    """All processes of one bench run and where they listen: ours and the bare baseline's,
+    on one Redis server (ours on database 0, the bare side on 1: separate queues)."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(
+            workdir, env={"DSPY_FLEET_CONFIG": str(workdir / "fleet.yaml"),
+                          "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+        )  # fmt: skip
+        self.urls: dict[str, str] = {}
 
     @property
-    def mock_url(self) -> str:
-        """What LiteLLM gets as api_base."""
-        return self.mock_base + "/v1"
+    def ours_redis(self) -> str:
+        """Our side's broker (database 0)."""
+        return self.redis_url.rsplit("/", 1)[0] + "/0"
+
+    @property
+    def bare_redis(self) -> str:
+        """The bare side's broker (database 1)."""
+        return self.redis_url.rsplit("/", 1)[0] + "/1"
+
+    @property
+    def children(self) -> dict[str, Service]:
+        """Workers and APIs by name (``ours-worker``, ``bare-api``, ...)."""
+        return self.services
 
     def mock(self, **faults: Any) -> None:
         """Change the mock LLM's latency or faults."""
-        httpx.put(f"{self.mock_base}/_mock/faults", json=faults, timeout=5).raise_for_status()
+        assert self.mock_llm is not None
+        self.mock_llm.set_faults(**faults)
 
     def mock_stats(self) -> dict[str, Any]:
         """The mock LLM's request counters."""
-        return httpx.get(f"{self.mock_base}/_mock/stats", timeout=5).json()
+        assert self.mock_llm is not None
+        return self.mock_llm.stats()
 
     def mock_reset(self) -> None:
         """Zero the mock's counters."""
-        httpx.post(f"{self.mock_base}/_mock/reset", timeout=5).raise_for_status()
-
-    def env(self, redis_url: str, **extra: str) -> dict[str, str]:
-        """Environment of a worker or API of one side."""
-        return {
-            "DSPY_FLEET_REDIS_URL": redis_url,
-            "DSPY_FLEET_MOCK_LLM_URL": self.mock_url,
-            "DSPY_FLEET_CONFIG": str(self.workdir / "fleet.yaml"),
-            "DSPY_FLEET_LOG_LEVEL": "INFO",
-            "DSPY_FLEET_METRICS_PORT": str(free_port()),
-            "PYTHONPATH": str(ROOT),
-            **extra,
-        }
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
-        """Start one child process, logging to the work directory."""
-        child = Child(name, argv, env=env, log_path=self.workdir / f"{name}.log", cwd=ROOT)
-        self.children[name] = child
-        return child
+        assert self.mock_llm is not None
+        self.mock_llm.reset_stats()
 
     def start_workers(self) -> None:
         """Our worker and the bare Celery worker: threads pool, concurrency 64, both queues."""
-        common = ["--pool", "threads", "--concurrency", "64", "--queues", "interactive,batch",
-                  "--task-events", "--loglevel", "INFO"]  # fmt: skip
-        node = uuid.uuid4().hex[:6]
-        # `dspy-fleet worker` runs exactly these options from its settings (the defaults).
-        self.start("ours-worker", [PY, "-m", "worker.cli", "worker", "--hostname",
-                                   f"ours-{node}@%h"], self.env(self.ours_redis))  # fmt: skip
-        self.start("bare-worker", [PY, "-m", "celery", "-A", "bench.baselines.bare_celery",
-                                   "worker", *common, "--hostname", f"bare-{node}@%h"],
-                   self.env(self.bare_redis))  # fmt: skip
+        # Figure (j) sends webhooks to a dead port on 127.0.0.1: allow-listed, and signed.
+        self.start_worker("ours-worker", redis_url=self.ours_redis, wait=False,
+                          DSPY_FLEET_CALLBACK_ALLOW="127.0.0.1/32",
+                          DSPY_FLEET_CALLBACK_SECRETS='{"*": "bench"}')  # fmt: skip
+        self.start_worker("bare-worker", redis_url=self.bare_redis, app=BARE_CELERY_APP,
+                          args=BARE_WORKER_ARGS, wait=False)  # fmt: skip
 
     def start_apis(self) -> None:
         """Our API and the bare Flask app, both under gunicorn with api/gunicorn_conf.py."""
-        for side, redis_url, argv in (
-            # `dspy-fleet api` validates its settings, then execs exactly this gunicorn line.
-            ("ours", self.ours_redis, [PY, "-m", "worker.cli", "api"]),
-            ("bare", self.bare_redis, [PY, "-m", "gunicorn", "-c", "python:api.gunicorn_conf",
-                                       "bench.baselines.bare_flask:create_app()"]),
-        ):  # fmt: skip
-            port = free_port()
-            env = self.env(redis_url, DSPY_FLEET_API_PORT=str(port),
-                           BENCH_GET_KEY="bench:cached")  # fmt: skip
-            self.start(f"{side}-api", argv, env)
-            self.urls[side] = f"http://127.0.0.1:{port}"
+        # `dspy-fleet api` validates its settings, then execs exactly the bare side's line.
+        for side, redis_url, app in (("ours", self.ours_redis, None),
+                                     ("bare", self.bare_redis, BARE_FLASK_APP)):  # fmt: skip
+            api = self.start_api(f"{side}-api", redis_url=redis_url, app=app, wait=False,
+                                 BENCH_GET_KEY="bench:cached")  # fmt: skip
+            self.urls[side] = api.url
 
     def wait_apis(self) -> None:
         """Until both APIs answer."""
-        wait_until(http_ok(self.urls["ours"] + "/health"), 60, "our API",
-                   self.children["ours-api"].proc)  # fmt: skip
-        bare = self.children["bare-api"]
-        wait_until(lambda: _answers(self.urls["bare"] + "/get"), 60, "bare API", bare.proc)
-
-    def stop(self, *names: str) -> None:
-        """Stop the named children (all of them, and Redis, when none is named)."""
-        for name in names or list(self.children):
-            child = self.children.pop(name, None)
-            if child is not None:
-                child.stop()
-        if not names:
-            self.redis.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code < 500
-    except httpx.HTTPError:
-        return False
+        for side in ("ours", "bare"):
+            self.services[f"{side}-api"].wait_ready()
 
 
 def start_stack() -> Stack:
     """Redis and the mock LLM, ready; workers and APIs are started by the caller."""
     workdir = Path(tempfile.mkdtemp(prefix="dspy-fleet-bench-"))
     (workdir / "fleet.yaml").write_text(CONFIG)
-    redis = RedisServer(log_path=workdir / "redis.log").start()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    stack = Stack(workdir=workdir, redis=redis, mock_base=base,
-                  ours_redis=f"redis://127.0.0.1:{redis.port}/0",
-                  bare_redis=f"redis://127.0.0.1:{redis.port}/1")  # fmt: skip
-    stack.start("mock-llm", [PY, "-m", "worker.mock_llm", "--port", str(port)],
-                {"PYTHONPATH": str(ROOT)})  # fmt: skip
-    wait_until(http_ok(base + "/health"), 30, "mock LLM", stack.children["mock-llm"].proc)
-    return stack
+    bench = Stack(workdir)
+    try:
+        bench.start_redis()
+        bench.start_mock_llm()
+    except BaseException:
+        bench.stop()
+        raise
+    return bench
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -174,11 +146,3 @@ def _status_kb(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"no {field} for pid {pid}")
-
-
-def child_pids(pid: int) -> list[int]:
-    """The direct children of a process (gunicorn's workers under its master)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(p) for p in (task / "children").read_text().split()]
-    return found

@@ -1,34 +1,76 @@
 """Fixtures that start the real services: a private Redis, the mock LLM, a Celery worker, the API.
 
 Every service runs as its own process on a free port, exactly as in production
-(minus the container), and is stopped when the session ends.
+(minus the container), started by the one stack builder (dspy_fleet/devtools/stack.py)
+and stopped when the session ends.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 
 # Set before anything imports dspy/litellm in the test process (unit tests do).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("DSPY_CACHEDIR", tempfile.mkdtemp(prefix="dspy-fleet-test-dspy-"))
 
-from worker.dev.procs import Child, free_port, http_ok, wait_until  # noqa: E402
-from worker.dev.redis import RedisServer  # noqa: E402
+from dspy_fleet.devtools import services  # noqa: E402
+from dspy_fleet.devtools.redis import RedisServer  # noqa: E402
 
-PY = sys.executable
+# These are re-exported for the test modules.
+from dspy_fleet.devtools.services import (  # noqa: E402, F401
+    PY,
+    MockLLM,
+    Service,
+    start_worker,
+    wait_all_ready,
+)
+from dspy_fleet.devtools.stack import Stack  # noqa: E402
+
+# Every API in the tests runs 2 gunicorn workers: the metrics tests count both.
+TEST_ENV = {"DSPY_FLEET_API_WORKERS": "2"}
+# How long a test's worker or API gets after SIGTERM before SIGKILL, when its fixture stops
+# it (tests that test shutdown send their own signals). An idle worker's warm shutdown
+# takes a second or two; a busy one waits for its running jobs (a call the mock holds for a
+# minute, say), which nothing checks once the test is over: 5 s, not `dev`'s 15 s.
+STOP_TIMEOUT = 5.0
+
+
+def start_api(redis_url: str, mock_url: str, log_path: Path, **env: str) -> Service:
+    """`dspy-fleet api` with the tests' settings on a free port, answering /health."""
+    return services.start_api(redis_url, mock_url, log_path, **{**TEST_ENV, **env})
+
+
+def stop_all(*svcs: Service) -> None:
+    """Stop a test's services side by side, each SIGKILLed if still running after
+    STOP_TIMEOUT."""
+    services.stop_all(*svcs, timeout=STOP_TIMEOUT)
+
+
+class OwnStack(Stack):
+    """A stack a test module builds for itself, on the session's mock LLM; stop() gives its
+    workers and APIs STOP_TIMEOUT."""
+
+    def __init__(self, workdir: Path | None = None, **options: Any) -> None:
+        super().__init__(workdir, **{"stop_timeout": STOP_TIMEOUT, **options})
+
+    @property
+    def dir(self) -> Path:
+        """Where its processes log."""
+        return self.workdir
+
+    @property
+    def mock(self) -> MockLLM:
+        """The (shared) mock LLM its workers call."""
+        assert self.mock_llm is not None, "use_mock_llm() first"
+        return self.mock_llm
 
 
 @pytest.fixture(scope="session")
@@ -38,125 +80,35 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def redis_server(logs_dir: Path) -> Iterator[RedisServer]:
+def session_stack(logs_dir: Path) -> Iterator[Stack]:
+    """The session's fleet; the fixtures below start its pieces on first use."""
+    stack = Stack(logs_dir, env=TEST_ENV, stop_timeout=STOP_TIMEOUT)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_stack: Stack) -> RedisServer:
     """A private redis-server on a free port."""
-    server = RedisServer(log_path=logs_dir / "redis.log").start()
-    yield server
-    server.stop()
-
-
-@dataclass
-class MockLLM:
-    """The mock LLM server process and helpers to read and steer it."""
-
-    url: str  # .../v1, what LiteLLM gets as api_base
-    base: str
-    child: Child
-
-    def stats(self) -> dict[str, Any]:
-        """Its request counters."""
-        return httpx.get(f"{self.base}/_mock/stats", timeout=5).json()
-
-    def reset(self) -> None:
-        """Zero the counters and clear injected faults."""
-        httpx.post(f"{self.base}/_mock/reset", timeout=5).raise_for_status()
-        self.set_faults(latency_ms=0, error_rate=0, fail_next=0, hang_rate=0)
-
-    def set_faults(self, **faults: Any) -> None:
-        """Change fault injection at run time."""
-        httpx.put(f"{self.base}/_mock/faults", json=faults, timeout=5).raise_for_status()
+    return session_stack.start_redis()
 
 
 @pytest.fixture(scope="session")
-def mock_llm(logs_dir: Path) -> Iterator[MockLLM]:
+def mock_llm(session_stack: Stack) -> MockLLM:
     """The project's OpenAI-compatible mock LLM server, as a separate process."""
-    port = free_port()
-    child = Child(
-        "mock-llm",
-        [PY, "-m", "worker.mock_llm", "--port", str(port)],
-        log_path=logs_dir / "mock-llm.log",
-    )
-    base = f"http://127.0.0.1:{port}"
-    wait_until(http_ok(base + "/health"), 30, "mock LLM", child.proc)
-    yield MockLLM(url=base + "/v1", base=base, child=child)
-    child.stop()
-
-
-def service_env(redis_url: str, mock_url: str, **extra: str) -> dict[str, str]:
-    """Environment of a worker or API process pointed at these services."""
-    return {
-        "DSPY_FLEET_REDIS_URL": redis_url,
-        "DSPY_FLEET_MOCK_LLM_URL": mock_url,
-        "DSPY_FLEET_LOG_LEVEL": "INFO",
-        **extra,
-    }
-
-
-@dataclass
-class Service:
-    """A started worker or API process."""
-
-    child: Child
-    log_path: Path
-    url: str = ""
-    env: dict[str, str] = field(default_factory=dict)
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        """Its JSON log lines (non-JSON lines, e.g. Celery's banner, are skipped)."""
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return out
-
-
-def start_worker(redis_url: str, mock_url: str, log_path: Path, **extra: str) -> Service:
-    """Start `dspy-fleet worker` and wait until it is consuming (its heartbeat is in Redis)."""
-    env = service_env(redis_url, mock_url, DSPY_FLEET_METRICS_PORT=str(free_port()), **extra)
-    # Celery node names must be unique per broker (heartbeats and Flower key on them).
-    node = f"{log_path.stem}-{uuid.uuid4().hex[:6]}@%h"
-    child = Child(
-        "worker", [PY, "-m", "worker.cli", "worker", "--hostname", node], env=env, log_path=log_path
-    )
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    prefix = node.split("@")[0] + "@"
-
-    def beating() -> bool:  # this worker's own heartbeat, not another one's
-        return any(name.startswith(prefix) for name in client.zrange("dspy_fleet:workers", 0, -1))
-
-    wait_until(beating, 60, "worker", child.proc)
-    return Service(child=child, log_path=log_path, env=env)
-
-
-def start_api(redis_url: str, mock_url: str, log_path: Path, **extra: str) -> Service:
-    """Start `dspy-fleet api` (gunicorn) on a free port and wait for /health."""
-    port = free_port()
-    env = service_env(
-        redis_url, mock_url, DSPY_FLEET_API_PORT=str(port), DSPY_FLEET_API_WORKERS="2", **extra
-    )
-    child = Child("api", [PY, "-m", "worker.cli", "api"], env=env, log_path=log_path)
-    url = f"http://127.0.0.1:{port}"
-    wait_until(http_ok(url + "/health"), 60, "API", child.proc)
-    return Service(child=child, log_path=log_path, url=url, env=env)
+    return session_stack.start_mock_llm()
 
 
 @pytest.fixture(scope="session")
-def worker(redis_server: RedisServer, mock_llm: MockLLM, logs_dir: Path) -> Iterator[Service]:
+def worker(session_stack: Stack, redis_server: RedisServer, mock_llm: MockLLM) -> Service:
     """A real Celery worker process (threads pool) consuming both queues."""
-    svc = start_worker(redis_server.url, mock_llm.url, logs_dir / "worker.log")
-    yield svc
-    svc.child.stop()
+    return session_stack.start_worker("worker")
 
 
 @pytest.fixture(scope="session")
-def api(redis_server: RedisServer, mock_llm: MockLLM, logs_dir: Path) -> Iterator[Service]:
+def api(session_stack: Stack, redis_server: RedisServer, mock_llm: MockLLM) -> Service:
     """The API under gunicorn (2 workers), as a separate process."""
-    svc = start_api(redis_server.url, mock_llm.url, logs_dir / "api.log")
-    yield svc
-    svc.child.stop()
+    return session_stack.start_api("api")
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -188,6 +189,41 @@ def test_bad_request(
     if field is not None:
         named = [e["field"] for e in error["details"]["errors"]]
         assert field in named, named
+
+
+LIMIT = 1_048_576  # DSPY_FLEET_MAX_BODY_BYTES's default, which the test API runs with
+
+
+def _chunks(body: bytes, size: int = 65_536) -> Iterator[bytes]:
+    # A generator body: httpx sends it with Transfer-Encoding: chunked, no Content-Length.
+    for i in range(0, len(body), size):
+        yield body[i : i + size]
+
+
+# Over by up to one limit's worth: the API reads that much more of a chunked body before
+# it answers, so a client still sending reads the 413 instead of a reset connection.
+@pytest.mark.parametrize(
+    ("size", "status"), [(LIMIT, 202), (LIMIT + 1, 413), (2 * LIMIT, 413)], ids=str
+)
+def test_chunked_bodies_meet_the_same_limit(
+    api_client: httpx.Client, size: int, status: int
+) -> None:
+    # Padding with whitespace keeps the JSON valid at any size.
+    # An input of its own: a fresh job, and no cache entry another test's question could hit.
+    head = b'{"input": "What is 3+4? (chunked body)"}'
+    body = head + b" " * (size - len(head))
+    resp = api_client.post(
+        "/v1/predict", content=_chunks(body), headers={"Content-Type": "application/json"}
+    )
+    assert resp.request.headers.get("Transfer-Encoding") == "chunked"
+    assert "Content-Length" not in resp.request.headers
+    assert resp.status_code == status, resp.text[:300]
+    if status == 413:
+        error = resp.json()["error"]
+        assert error["code"] == "payload_too_large" and error["request_id"]
+        assert error["details"] == {"limit_bytes": LIMIT}
+    # The connection serves the next request normally.
+    assert api_client.get("/health").status_code == 200
 
 
 def test_unknown_names_list_what_exists(api_client: httpx.Client) -> None:

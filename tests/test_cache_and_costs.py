@@ -20,25 +20,37 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import MockLLM, Service, poll, start_api, start_worker, wait_for_job
-from worker.celery_config import make_celery
-from worker.contract import TASK_NAME
-from worker.dev.procs import free_port
-from worker.dev.redis import RedisServer
-from worker.jobs import JobStore
-from worker.routing import cache_key
-from worker.settings import CommonSettings
+from dspy_fleet.broker.celery_config import make_celery
+from dspy_fleet.contract import DEFAULT_TENANT, TASK_NAME
+from dspy_fleet.devtools.procs import free_port
+from dspy_fleet.devtools.redis import RedisServer
+from dspy_fleet.routing import cache_key
+from dspy_fleet.settings import CommonSettings
+from dspy_fleet.store.jobs import JobStore
+from tests.conftest import (
+    MockLLM,
+    Service,
+    poll,
+    start_api,
+    start_worker,
+    stop_all,
+    wait_all_ready,
+    wait_for_job,
+)
 
 CONFIG = """
 default_model: mock
+# Timeouts of 1.5 s × 4 attempts: inside the 8 s visibility timeout below (start-up
+# refuses a model that could outlast it).
 models:
-  mock: {litellm_model: openai/mock-gpt, api_base: "${DSPY_FLEET_MOCK_LLM_URL}",
+  mock: {litellm_model: openai/mock-gpt, api_base: "${DSPY_FLEET_MOCK_LLM_URL}", timeout: 1.5,
          input_price_per_1k: 0.00015, output_price_per_1k: 0.0006}
-  mock-b: {litellm_model: openai/mock-gpt-b, api_base: "${DSPY_FLEET_MOCK_LLM_URL}",
+  mock-b: {litellm_model: openai/mock-gpt-b, api_base: "${DSPY_FLEET_MOCK_LLM_URL}", timeout: 1.5,
            input_price_per_1k: 0.001, output_price_per_1k: 0.002}
   # No price in config: gpt-4o-mini is priced from LiteLLM's map, the other one is unknown.
-  mini: {litellm_model: openai/gpt-4o-mini, api_base: "${DSPY_FLEET_MOCK_LLM_URL}"}
-  mystery: {litellm_model: openai/mystery-model-x, api_base: "${DSPY_FLEET_MOCK_LLM_URL}"}
+  mini: {litellm_model: openai/gpt-4o-mini, api_base: "${DSPY_FLEET_MOCK_LLM_URL}", timeout: 1.5}
+  mystery: {litellm_model: openai/mystery-model-x, api_base: "${DSPY_FLEET_MOCK_LLM_URL}",
+            timeout: 1.5}
 programs:
   qa: {signature: "question -> answer"}
   pirate: {signature: "question -> answer", state: pirate.json}
@@ -55,6 +67,13 @@ LIMITS = {
     "DSPY_FLEET_TIME_LIMIT": "6",
     "DSPY_FLEET_VISIBILITY_TIMEOUT_SECONDS": "8",
     "DSPY_FLEET_RESTORE_SWEEP_SECONDS": "1",
+    "DSPY_FLEET_RETRY_AFTER_MAX_SECONDS": "5",
+    "DSPY_FLEET_RETRY_BACKOFF_MAX_SECONDS": "2",
+    "DSPY_FLEET_COALESCE_LOCK_SECONDS": "5",
+    "DSPY_FLEET_LEASE_SECONDS": "5",
+    # The coalescing test holds 50 waits at once: threads enough that the wait cap
+    # (threads minus a quarter, per API process) holds them all.
+    "DSPY_FLEET_API_THREADS": "80",
 }
 
 
@@ -126,7 +145,8 @@ class Stack:
         import json
 
         version = json.loads(self.redis.hget("dspy_fleet:programs", program))["version"]
-        return cache_key(program, version, model, inputs, {})
+        # Open mode: every job is the default tenant's, and programs are tenant-scoped.
+        return cache_key(program, version, model, inputs, {}, DEFAULT_TENANT)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
@@ -149,12 +169,17 @@ def stack(mock_llm: MockLLM, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     save_state(base / "pirate.json", "Answer like a pirate.")
     env = {"DSPY_FLEET_CONFIG": str(base / "fleet.yaml"), **LIMITS}
     redis_server = RedisServer(log_path=base / "redis.log").start()
-    worker = start_worker(redis_server.url, mock_llm.url, base / "worker.log", **env)
-    api = start_api(redis_server.url, mock_llm.url, base / "api.log", **env)
+    # Started side by side, each then waited for.
+    worker = start_worker(redis_server.url, mock_llm.url, base / "worker.log", wait=False, **env)
+    api = start_api(redis_server.url, mock_llm.url, base / "api.log", wait=False, **env)
+    try:
+        wait_all_ready(worker, api)
+    except BaseException:
+        redis_server.stop()
+        raise
     s = Stack(redis_server, mock_llm, base, worker, api, env)
     yield s
-    s.api.child.stop()
-    s.worker.child.stop()
+    stop_all(s.api, s.worker)
     redis_server.stop()
 
 
@@ -201,7 +226,7 @@ def test_corrupt_l2_entry_is_a_miss_for_the_api(stack: Stack, mock: MockLLM) -> 
     question = unique("What is 9+9?")
     body = {"input": question, "wait": 20}
     assert stack.http.post("/v1/predict", json=body).json()["status"] == "succeeded"
-    from worker.cache import l2_key
+    from dspy_fleet.store.cache import l2_key
 
     stack.redis.set(l2_key(stack.catalog_key("qa", {"question": question})), "{not json")
     errors = stack.api_metric("dspy_cache_operations_total", level="l2", operation="error")
@@ -439,9 +464,11 @@ def test_cache_redis_down_is_a_miss(mock_llm: MockLLM, tmp_path: Path) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     redis_server = RedisServer(log_path=tmp_path / "redis.log").start()
     env = {"DSPY_FLEET_CACHE_URL": dead}
-    worker = start_worker(redis_server.url, mock_llm.url, tmp_path / "worker.log", **env)
-    api = start_api(redis_server.url, mock_llm.url, tmp_path / "api.log", **env)
+    worker = start_worker(redis_server.url, mock_llm.url, tmp_path / "worker.log", wait=False,
+                          **env)  # fmt: skip
+    api = start_api(redis_server.url, mock_llm.url, tmp_path / "api.log", wait=False, **env)
     try:
+        wait_all_ready(worker, api)
         with httpx.Client(base_url=api.url, timeout=60) as client:
             for _ in range(2):
                 done = client.post("/v1/predict", json={"input": "What is 3+3?", "wait": 20})
@@ -451,6 +478,5 @@ def test_cache_redis_down_is_a_miss(mock_llm: MockLLM, tmp_path: Path) -> None:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         assert metric_value(text, "dspy_cache_operations_total", operation="error") >= 2
     finally:
-        api.child.stop()
-        worker.child.stop()
+        stop_all(api, worker)
         redis_server.stop()

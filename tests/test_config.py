@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import ConfigError
-from worker.fleet_config import load_fleet_config
-from worker.settings import DEFAULT_CONFIG_FILE, WorkerSettings, load_settings
+from dspy_fleet.errors import ConfigError
+from dspy_fleet.fleet_config import load_fleet_config
+from dspy_fleet.settings import DEFAULT_CONFIG_FILE, WorkerSettings, load_settings
 
 GOOD = """
 default_model: m
@@ -110,7 +110,7 @@ def test_cli_refuses_to_start_with_bad_config(command: str, tmp_path: Path) -> N
         "DSPY_FLEET_CONCURRENCY": "8",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", command],
+        [sys.executable, "-m", "dspy_fleet.cli.main", command],
         env=env,
         capture_output=True,
         text=True,
@@ -120,7 +120,7 @@ def test_cli_refuses_to_start_with_bad_config(command: str, tmp_path: Path) -> N
     assert "DSPY_FLEET_CONFIG" in proc.stderr
     bad_env = {**os.environ, "DSPY_FLEET_MAX_BODY_BYTES": "tiny", "DSPY_FLEET_CONCURRENCY": "x"}
     proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", command],
+        [sys.executable, "-m", "dspy_fleet.cli.main", command],
         env=bad_env,
         capture_output=True,
         text=True,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from api.settings import ApiSettings
-from worker.settings import WorkerSettings
+from dspy_fleet.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_VARS = sorted(

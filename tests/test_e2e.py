@@ -1,17 +1,19 @@
-"""One real prediction end to end: HTTP → API → Redis → Celery worker → DSPy → LiteLLM → mock."""
+"""One real prediction end to end: HTTP → API → Redis → Celery worker → DSPy → dspy.LM → mock."""
 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import httpx
 import pytest
 
+from dspy_fleet.broker.celery_config import make_celery
+from dspy_fleet.broker.producer import Producer
+from dspy_fleet.contract import TASK_NAME
+from dspy_fleet.errors import JobFailed
+from dspy_fleet.settings import CommonSettings
 from tests.conftest import MockLLM, Service, poll, wait_for_job
-from worker.celery_config import make_celery
-from worker.contract import TASK_NAME
-from worker.errors import JobFailed
-from worker.settings import CommonSettings
 
 
 def test_submit_then_poll_until_succeeded(api_client: httpx.Client) -> None:
@@ -142,3 +144,31 @@ def test_direct_producer_with_a_valid_message(api_client: httpx.Client, redis_se
     assert envelope["outputs"]["answer"] == "6"
     job = api_client.get(f"/v1/predictions/{job_id}").json()
     assert job["status"] == "succeeded" and job["queue"] == "batch"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"program": "rag", "input": "one string for two fields"},
+        {"program": "qa", "inputs": {"q": "a misspelt field"}},
+        {"program": "nope", "input": "x"},
+        {"input": "x", "variant": "B"},
+        {"input": "x", "model": "gpt-99"},
+    ],
+    ids=["shorthand-for-two-inputs", "wrong-field", "program", "variant", "model"],
+)
+def test_a_mistake_gets_the_same_error_from_the_api_and_the_worker(
+    api_client: httpx.Client, redis_server, body: dict[str, Any]
+) -> None:
+    # The API checks input fields once a worker has published its programs.
+    poll(lambda: all(p["loaded"] for p in api_client.get("/v1/programs").json()["programs"]))
+    refused = api_client.post("/v1/predict", json=body)
+    assert refused.status_code in (404, 422), refused.text
+    said_by_api = refused.json()["error"]
+    # A direct producer skips the API: the worker finds the same mistake.
+    with Producer(redis_url=redis_server.url) as producer:
+        job_id = producer.submit(body)
+    job = wait_for_job(api_client, job_id)
+    assert job["status"] == "failed"
+    fields = ("code", "message", "details")
+    assert {k: job["error"][k] for k in fields} == {k: said_by_api[k] for k in fields}

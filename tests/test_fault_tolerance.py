@@ -18,9 +18,20 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import MockLLM, Service, poll, start_api, start_worker
+from dspy_fleet.devtools.redis import RedisServer
+from tests.conftest import (
+    MockLLM,
+    Service,
+    poll,
+    start_api,
+    start_worker,
+    stop_all,
+    wait_all_ready,
+)
 from tests.test_cache_and_costs import metric_value
-from worker.dev.redis import RedisServer
+
+# Run alone by `make test`: a hung call's bounds in seconds are asserted.
+pytestmark = pytest.mark.serial
 
 # Every model below points at the mock LLM, priced alike unless it says otherwise.
 BASE = (
@@ -36,6 +47,8 @@ models:
           breaker: {{failure_threshold: 3, recovery_seconds: 2, half_open_max_calls: 2,
                     success_threshold: 2}}, {BASE}}}
   retrying: {{litellm_model: openai/retrying, max_retries: 3, {BASE}}}
+  retrying_litellm: {{litellm_model: openai/retrying_litellm, engine: litellm, max_retries: 3,
+                     {BASE}}}
   primary: {{litellm_model: openai/primary, max_retries: 0, fallbacks: [backup],
             breaker: {{failure_threshold: 2, recovery_seconds: 300}},
             lm_kwargs: {{extra_headers: {{X-Mock-Status: "503"}}}}, {BASE}}}
@@ -86,13 +99,19 @@ def fleet(mock_llm: MockLLM, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     }
     redis_server = RedisServer(log_path=base / "redis.log").start()
     url = redis_server.url
+    # Started side by side, each then waited for.
     a = start_worker(url, mock_llm.url, base / "worker-a.log", DSPY_FLEET_QUEUES="interactive",
-                     **env)  # fmt: skip
-    b = start_worker(url, mock_llm.url, base / "worker-b.log", DSPY_FLEET_QUEUES="batch", **env)
-    api = start_api(url, mock_llm.url, base / "api.log", **env)
+                     wait=False, **env)  # fmt: skip
+    b = start_worker(url, mock_llm.url, base / "worker-b.log", DSPY_FLEET_QUEUES="batch",
+                     wait=False, **env)  # fmt: skip
+    api = start_api(url, mock_llm.url, base / "api.log", wait=False, **env)
+    try:
+        wait_all_ready(a, b, api)
+    except BaseException:
+        redis_server.stop()
+        raise
     yield Fleet(redis_server, a, b, api)
-    for svc in (api, a, b):
-        svc.child.stop()
+    stop_all(api, a, b)
     redis_server.stop()
 
 
@@ -120,8 +139,8 @@ def test_breaker_opened_through_a_makes_b_fail_fast(fleet: Fleet, mock: MockLLM)
     assert fast["error"]["code"] == "circuit_open"
     assert 0 < fast["error"]["details"]["retry_after"] <= 300
     assert calls(mock, "fragile") == 3
-    port = fleet.worker_b.env["DSPY_FLEET_METRICS_PORT"]
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    # The fleet's state, as its one exporter (the API) reads it from Redis.
+    text = httpx.get(f"{fleet.api.url}/metrics", timeout=10).text
     assert metric_value(text, "dspy_circuit_breaker_state", model="fragile") == 1
 
     # Fast-fail latency, submit to failed result, through HTTP with wait.
@@ -175,34 +194,47 @@ def test_half_open_admits_only_its_probes_then_closes(fleet: Fleet, mock: MockLL
     assert all(fleet.predict("flaky")["status"] == "succeeded" for _ in range(3))
 
 
-def test_429_retry_after_is_honoured_through_celery(fleet: Fleet, mock: MockLLM) -> None:
+# The models above run on DSPy's own engine (the default) unless they set lm_kwargs it does
+# not take (extra_headers: LiteLLM then); the retry tests run on both engines.
+RETRYING = ["retrying", "retrying_litellm"]
+
+
+@pytest.mark.parametrize("model", RETRYING)
+def test_429_retry_after_is_honoured_through_celery(
+    fleet: Fleet, mock: MockLLM, model: str
+) -> None:
+    # A 429 is the provider pacing us: the job waits (status throttled, no attempt spent)
+    # until its Retry-After, then runs at the slower pace (dspy_fleet/store/pacing.py).
     mock.set_faults(fail_next=1, error_status=429, retry_after=2)
     with fleet.http() as client:
         job = client.post(
             "/v1/predict",
-            json={"input": f"r {uuid.uuid4().hex}", "model": "retrying", "use_cache": False},
+            json={"input": f"r {uuid.uuid4().hex}", "model": model, "use_cache": False},
         ).json()
-        retrying = poll(lambda: (b := client.get(f"/v1/predictions/{job['id']}").json())
-                        ["status"] == "retrying" and b, timeout=5)  # fmt: skip
-        assert retrying["attempts"] == 1 and retrying["error"]["code"] == "provider_error"
-        assert retrying["retry_in_seconds"] >= 2
+        waiting = poll(lambda: (b := client.get(f"/v1/predictions/{job['id']}").json())
+                       ["status"] == "throttled" and b, timeout=5)  # fmt: skip
+        assert waiting["attempts"] == 1 and waiting["throttle_reason"] == "rate_limited"
+        assert waiting["throttled_until"]
         done = client.get(f"/v1/predictions/{job['id']}", params={"wait": 20}).json()
-    assert done["status"] == "succeeded" and done["attempts"] == 2
-    assert "error" not in done
-    recent = [r for r in mock.stats()["recent"] if r["model"] == "retrying"]
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert "error" not in done and "throttled_until" not in done
+    recent = [r for r in mock.stats()["recent"] if r["model"] == model]
     assert [r["status"] for r in recent] == [429, 200]
     gap = recent[1]["time"] - recent[0]["time"]
     print(f"429 with Retry-After: 2 -> retried {gap:.2f} s later")
     assert gap >= 2.0
 
 
-def test_transient_errors_retry_with_backoff_until_success(fleet: Fleet, mock: MockLLM) -> None:
+@pytest.mark.parametrize("model", RETRYING)
+def test_transient_errors_retry_with_backoff_until_success(
+    fleet: Fleet, mock: MockLLM, model: str
+) -> None:
     mock.set_faults(fail_next=2, error_status=503)
-    done = fleet.predict("retrying")
+    done = fleet.predict(model)
     assert done["status"] == "succeeded" and done["attempts"] == 3
     assert done["cost"]["attempts"] == 3
     mock.set_faults(error_rate=1.0, error_status=500)
-    failed = fleet.predict("retrying", wait=30)
+    failed = fleet.predict(model, wait=30)
     assert failed["status"] == "failed" and failed["attempts"] == 4  # 1 + max_retries
     assert failed["error"]["details"]["attempts"] == 4
 

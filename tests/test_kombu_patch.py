@@ -1,4 +1,4 @@
-"""worker/kombu_patch.py against a real Redis: one client per channel pool, publishes still land."""
+"""The kombu patch (dspy_fleet/broker/kombu_patch.py) on a real Redis: one client per pool."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import redis
 from kombu import Connection
 
-from worker import kombu_patch
-from worker.dev.redis import RedisServer
+from dspy_fleet.broker import kombu_patch
+from dspy_fleet.devtools.redis import RedisServer
 
 
 def test_channel_reuses_one_client_per_pool(redis_server: RedisServer) -> None:

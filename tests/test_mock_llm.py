@@ -22,9 +22,10 @@ import pydantic
 import pytest
 from click.testing import CliRunner
 
-from worker.mock_llm import Faults, MockLLMServer, build_server
-from worker.mock_llm.cli import command
-from worker.mock_llm.responder import respond, solve_arithmetic
+from dspy_fleet.devtools.mock_llm import Faults, MockLLMServer, build_server
+from dspy_fleet.devtools.mock_llm.cli import command
+from dspy_fleet.devtools.mock_llm.limits import ProviderLimits
+from dspy_fleet.devtools.mock_llm.responder import respond, solve_arithmetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -284,6 +285,8 @@ def test_stats_count_and_reset(client: httpx.Client) -> None:
         "by_status": {"200": 2, "503": 1, "400": 1},
         "by_model": {"a": 2, "b": 1},
         "in_flight": 0,
+        "rate_limited": {},
+        "rate_limited_by_model": {},
     }
     assert client.post("/_mock/reset").status_code == 200
     stats = client.get("/_mock/stats").json()
@@ -308,16 +311,100 @@ def test_fail_next_gives_exactly_n_errors(client: httpx.Client) -> None:
     assert client.get("/_mock/faults").json()["fail_next"] == 0
 
 
+def test_error_every_fails_exactly_every_nth_request(client: httpx.Client) -> None:
+    put = client.put("/_mock/faults", json={"error_every": 5, "error_status": 503})
+    assert put.status_code == 200 and put.json()["error_every"] == 5
+    statuses = [chat(client).status_code for _ in range(20)]
+    assert statuses == ([200] * 4 + [503]) * 4  # a fifth of the calls, never two in a row
+    # Forced statuses are not counted; a new setting starts counting again.
+    assert chat(client, headers={"X-Mock-Status": "200"}).status_code == 200
+    client.put("/_mock/faults", json={"error_every": 2})
+    assert [chat(client).status_code for _ in range(4)] == [200, 503, 200, 503]
+    client.put("/_mock/faults", json={"error_every": 0})
+    assert all(chat(client).status_code == 200 for _ in range(5))
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rpm_limit_admits_the_rate_and_one_burst_never_more() -> None:
+    clock = FakeClock()
+    limits = ProviderLimits(rpm=600, clock=clock)  # 10/s, a burst of 1 s = 10
+    assert [limits.admit("m") for _ in range(10)] == [None] * 10
+    refusal = limits.admit("m")
+    assert refusal is not None and refusal.limit == "requests" and refusal.per_minute == 600
+    assert refusal.retry_after == pytest.approx(0.1)
+    assert limits.admit("other") is None  # each model has its own limit
+    clock.now += 0.1
+    assert limits.admit("m") is None and limits.admit("m") is not None
+    # A client asking 100 times a second for 60 s gets the rate plus the one burst.
+    admitted = 0
+    for _ in range(6000):
+        clock.now += 0.01
+        admitted += limits.admit("steady") is None
+    assert 600 <= admitted <= 600 + 10
+
+
+def test_tpm_limit_debits_answers_and_waits_for_the_deficit() -> None:
+    clock = FakeClock()
+    limits = ProviderLimits(tpm=6000, clock=clock)  # 100 tokens/s, a burst of 100
+    assert limits.admit("m") is None
+    limits.charge("m", 250)  # the answer was long: the bucket is at -150
+    refusal = limits.admit("m")
+    assert refusal is not None and refusal.limit == "tokens"
+    assert refusal.retry_after == pytest.approx(1.51)
+    clock.now += 1.51
+    assert limits.admit("m") is None
+    assert limits.headers("m")["x-ratelimit-limit-tokens"] == "6000"
+
+
+def test_rate_limit_answers_429_as_a_provider_does(client: httpx.Client) -> None:
+    put = client.put("/_mock/faults", json={"rpm_limit": 60, "limit_burst_seconds": 2})
+    assert put.status_code == 200 and put.json()["rpm_limit"] == 60
+    assert [chat(client).status_code for _ in range(2)] == [200, 200]  # the 2 s burst
+    over = chat(client)
+    assert over.status_code == 429
+    assert over.json()["error"]["type"] == "rate_limit_error"
+    assert over.json()["error"]["code"] == "rate_limit_exceeded"
+    assert over.headers["Retry-After"] == "1"
+    assert 0 < int(over.headers["retry-after-ms"]) <= 1000
+    assert over.headers["x-ratelimit-limit-requests"] == "60"
+    assert over.headers["x-ratelimit-remaining-requests"] == "0"
+    # Another model has its own limit; changing an unrelated fault keeps the buckets.
+    assert chat(client, model="other-gpt").status_code == 200
+    client.put("/_mock/faults", json={"latency_ms": 0})
+    assert chat(client).status_code == 429
+    stats = client.get("/_mock/stats").json()
+    assert stats["rate_limited"] == {"requests": 2} and stats["by_status"]["429"] == 2
+    # Waiting out Retry-After is enough; lifting the limit ends it.
+    time.sleep(int(over.headers["retry-after-ms"]) / 1000 + 0.05)
+    assert chat(client).status_code == 200
+    client.put("/_mock/faults", json={"rpm_limit": 0})
+    assert all(chat(client).status_code == 200 for _ in range(5))
+
+
 @pytest.mark.parametrize(
     ("body", "named"),
     [
         ({"nope": 1}, "nope"),
+        ({"error_every": -1}, "error_every"),
+        ({"error_every": 2.5}, "error_every"),
         ({"error_rate": 1.5}, "error_rate"),
         ({"latency_ms": -5}, "latency_ms"),
         ({"error_status": 200}, "error_status"),
         ({"fail_next": 1.5}, "fail_next"),
         ({"hang_rate": "often"}, "hang_rate"),
         ({"retry_after": float("inf")}, "retry_after"),
+        ({"rpm_limit": -1}, "rpm_limit"),
+        ({"tpm_limit": 1.5}, "tpm_limit"),
+        ({"limit_burst_seconds": 0}, "limit_burst_seconds"),
         ([1, 2], "JSON object"),
     ],
 )
@@ -416,7 +503,7 @@ def test_seeded_faults_repeat() -> None:
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_module_runs_as_a_subprocess(stop_signal: signal.Signals) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.mock_llm", "--port", "0", "--log-requests"],
+        [sys.executable, "-m", "dspy_fleet.devtools.mock_llm", "--port", "0", "--log-requests"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -443,7 +530,7 @@ def test_module_runs_as_a_subprocess(stop_signal: signal.Signals) -> None:
 
 def test_server_modules_do_not_import_heavy_packages() -> None:
     code = (
-        "import sys, worker.mock_llm.cli, worker.mock_llm.__main__\n"
+        "import sys, dspy_fleet.devtools.mock_llm.cli, dspy_fleet.devtools.mock_llm.__main__\n"
         "print(sorted({'dspy', 'litellm', 'flask'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

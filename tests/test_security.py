@@ -23,23 +23,30 @@ import pytest
 import redis
 
 from api.auth import hash_key, new_key
-from tests.conftest import MockLLM, Service, start_api, start_worker
-from worker.dev.redis import RedisServer
+from dspy_fleet.contract import DEFAULT_TENANT
+from dspy_fleet.devtools.redis import RedisServer
+from tests.conftest import MockLLM, Service, start_api, start_worker, stop_all, wait_all_ready
 
 REDIS_PASSWORD = f"redis-pw-{uuid.uuid4().hex}"
 PROVIDER_KEY = f"sk-provider-{uuid.uuid4().hex}"
 KEYS = {"acme": new_key(), "globex": new_key(), "ops": new_key()}
 WRONG_KEY = f"dfk_wrong-{uuid.uuid4().hex}"
-SECRETS = [REDIS_PASSWORD, PROVIDER_KEY, WRONG_KEY, *KEYS.values()]
+# Secrets in places /config must find by structure: a URL query and an odd header name.
+QUERY_SECRET = f"q-{uuid.uuid4().hex}"
+HEADER_SECRET = f"h-{uuid.uuid4().hex}"
+SECRETS = [REDIS_PASSWORD, PROVIDER_KEY, WRONG_KEY, QUERY_SECRET, HEADER_SECRET, *KEYS.values()]
 
 CONFIG = """
 default_model: mock
 models:
   mock: {litellm_model: openai/mock-gpt, api_base: "${DSPY_FLEET_MOCK_LLM_URL}",
          api_key_env: TEST_PROVIDER_KEY, input_price_per_1k: 0.001, output_price_per_1k: 0.002}
+  odd: {litellm_model: openai/mock-gpt,
+        api_base: "${DSPY_FLEET_MOCK_LLM_URL}?api-key=@QUERY@&region=eu",
+        lm_kwargs: {extra_headers: {X-Tenant-Blob: "@HEADER@"}}}
 programs:
   qa: {signature: "question -> answer"}
-"""
+""".replace("@QUERY@", QUERY_SECRET).replace("@HEADER@", HEADER_SECRET)
 
 
 @dataclass
@@ -64,14 +71,16 @@ def secured(mock_llm: MockLLM, tmp_path_factory: pytest.TempPathFactory) -> Iter
     (base / "fleet.yaml").write_text(CONFIG)
     entries = [f"acme:{hash_key(KEYS['acme'])}", f"globex:{hash_key(KEYS['globex'])}",
                f"ops:{hash_key(KEYS['ops'])}:admin"]  # fmt: skip
-    env = {"DSPY_FLEET_CONFIG": str(base / "fleet.yaml"), "DSPY_FLEET_API_KEYS": ",".join(entries),
-           "TEST_PROVIDER_KEY": PROVIDER_KEY}  # fmt: skip
     server = RedisServer(password=REDIS_PASSWORD, log_path=base / "redis.log").start()
-    worker = start_worker(server.url, mock_llm.url, base / "worker.log", **env)
-    api = start_api(server.url, mock_llm.url, base / "api.log", **env)
+    # The cache's Redis password in the query string, which redis-py honours.
+    cache_url = f"redis://127.0.0.1:{server.port}/0?password={REDIS_PASSWORD}"
+    env = {"DSPY_FLEET_CONFIG": str(base / "fleet.yaml"), "DSPY_FLEET_API_KEYS": ",".join(entries),
+           "TEST_PROVIDER_KEY": PROVIDER_KEY, "DSPY_FLEET_CACHE_URL": cache_url}  # fmt: skip
+    worker = start_worker(server.url, mock_llm.url, base / "worker.log", wait=False, **env)
+    api = start_api(server.url, mock_llm.url, base / "api.log", wait=False, **env)
+    wait_all_ready(worker, api)  # started side by side
     yield Secured(server, worker, api)
-    api.child.stop()
-    worker.child.stop()
+    stop_all(api, worker)
     server.stop()
 
 
@@ -127,6 +136,11 @@ def test_config_is_admin_only_and_redacted(secured: Secured) -> None:
     assert body["auth"]["admin_tenants"] == ["ops"]
     assert "***" in body["settings"]["redis_url"]
     assert body["fleet"]["models"]["mock"]["api_key_env"] == "TEST_PROVIDER_KEY"
+    # Masked by structure: the query's password, an api-key parameter, any header value.
+    assert body["settings"]["cache_url"].endswith("/0?password=***")
+    odd = body["fleet"]["models"]["odd"]
+    assert odd["api_base"].endswith("?api-key=***&region=eu")
+    assert odd["lm_kwargs"]["extra_headers"] == {"X-Tenant-Blob": "***"}
     text = json.dumps(body)
     assert all(s not in text for s in SECRETS)
     assert all(hash_key(k) not in text for k in KEYS.values())
@@ -159,7 +173,7 @@ def test_no_secret_in_logs_responses_or_cache_keys(secured: Secured) -> None:
 
 def test_open_mode_warns_and_production_refuses_to_start(tmp_path: Path) -> None:
     env = {**os.environ, "DSPY_FLEET_ENV": "production", "DSPY_FLEET_API_KEYS": ""}
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "api"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "dspy_fleet.cli.main", "api"], env=env,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2
     assert "DSPY_FLEET_API_KEYS" in proc.stderr and "production" in proc.stderr
@@ -169,6 +183,23 @@ def test_open_mode_warns_and_production_refuses_to_start(tmp_path: Path) -> None
     app = create_app({"keep_logging": True})
     body = app.test_client().get("/config").get_json()
     assert body["auth"]["mode"] == "open" and "no API keys" in body["auth"]["warning"]
+
+
+def test_the_anonymous_tenant_cannot_be_given_a_key() -> None:
+    # Jobs without a tenant (open mode, direct producers) belong to "anonymous": a key for
+    # it would see them all. Refused at start-up, naming the entry but never echoing it.
+    entries = f"acme:{hash_key(KEYS['acme'])},{DEFAULT_TENANT}:{hash_key(KEYS['ops'])}:admin"
+    env = {**os.environ, "DSPY_FLEET_API_KEYS": entries}
+    proc = subprocess.run([sys.executable, "-m", "dspy_fleet.cli.main", "api"], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "DSPY_FLEET_API_KEYS: entry 2" in proc.stderr and "'anonymous'" in proc.stderr
+    assert "reserved" in proc.stderr and hash_key(KEYS["ops"]) not in proc.stderr
+    # Any case: "Anonymous" would read as the same tenant to a person.
+    cli = [sys.executable, "-m", "dspy_fleet.cli.main"]
+    made = subprocess.run([*cli, "api-key", "new", "--tenant", "Anonymous"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert made.returncode == 2 and "reserved" in made.stderr and "key:" not in made.stdout
 
 
 @pytest.fixture
@@ -205,15 +236,15 @@ def test_tls_redis_works_end_to_end(mock_llm: MockLLM, tls_files: dict[str, str]
         pytest.skip("this redis-server was built without TLS")
     assert server.url.startswith("rediss://")
     try:
-        worker = start_worker(server.url, mock_llm.url, tmp_path / "worker.log")
-        api = start_api(server.url, mock_llm.url, tmp_path / "api.log")
+        worker = start_worker(server.url, mock_llm.url, tmp_path / "worker.log", wait=False)
+        api = start_api(server.url, mock_llm.url, tmp_path / "api.log", wait=False)
+        wait_all_ready(worker, api)  # started side by side
         try:
             done = httpx.post(api.url + "/v1/predict", json={"input": "What is 1+6?", "wait": 20},
                               timeout=30).json()  # fmt: skip
             assert done["status"] == "succeeded" and done["outputs"]["answer"] == "7"
             assert httpx.get(api.url + "/ready", timeout=10).status_code == 200
         finally:
-            api.child.stop()
-            worker.child.stop()
+            stop_all(api, worker)
     finally:
         server.stop()

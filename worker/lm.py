@@ -1,22 +1,16 @@
-"""Language models by alias: one dspy.LM per alias per process, and provider error mapping."""
+"""Language models by alias: one dspy.LM per alias per process, and their prices."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import sys
 import threading
 
+from dspy_fleet.cost import Price
+from dspy_fleet.errors import ConfigError, UnknownModelError
+from dspy_fleet.fleet_config import FleetConfig, ModelConfig
 from worker.dspy_env import dspy, litellm_module
-from worker.errors import (
-    ConfigError,
-    JobError,
-    ProviderError,
-    ProviderRequestError,
-    ProviderTimeoutError,
-    UnknownModelError,
-)
-from worker.fleet_config import FleetConfig, ModelConfig
 
 log = logging.getLogger("dspy_fleet.worker")
 
@@ -27,6 +21,9 @@ class ModelPool:
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
         self._lms: dict[str, dspy.LM] = {}
+        # Which engine calls each built model's provider: "dspy" (DSPy's own) or "litellm"
+        # (engine: litellm, or auto falling back); the worker logs it when ready.
+        self.engines: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def model_config(self, alias: str) -> ModelConfig:
@@ -40,12 +37,15 @@ class ModelPool:
 
     def warm(self) -> None:
         """Build every LM now (at worker start), so the first job does not pay for imports
-        (litellm takes seconds); a model whose key is missing is left for its first job."""
-        for alias in self.config.models:
+        (litellm takes seconds) or the price table; a model whose key is missing is left for
+        its first job."""
+        for alias, cfg in self.config.models.items():
             try:
                 self.get(alias)
             except ConfigError as exc:
                 log.warning("model %s not built at start: %s", alias, exc.message)
+            if cfg.input_price_per_1k is None or cfg.output_price_per_1k is None:
+                bundled_price(cfg.litellm_model)
 
     def get(self, alias: str) -> dspy.LM:
         """The LM for an alias, built on first use."""
@@ -63,9 +63,7 @@ class ModelPool:
             api_key = os.environ.get(cfg.api_key_env)
             if not api_key:
                 raise ConfigError(f"models.{alias}.api_key_env: ${cfg.api_key_env} is not set")
-        if cfg.engine == "litellm":
-            litellm_module()  # configured (quiet, offline price map) before dspy loads it
-        return dspy.LM(
+        lm = dspy.LM(
             cfg.litellm_model,
             engine=cfg.engine,
             api_base=cfg.api_base,
@@ -78,68 +76,50 @@ class ModelPool:
             num_retries=0,
             **cfg.lm_kwargs,
         )
+        native = _native(lm)
+        if not native:
+            litellm_module()  # configured (quiet, offline price map) before DSPy loads it
+        self.engines[alias] = "dspy" if native else "litellm"
+        return lm
 
 
-def _retry_after(exc: Exception) -> float | None:
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    value = headers.get("retry-after") if hasattr(headers, "get") else None
+def _native(lm: dspy.LM) -> bool:
+    """Whether DSPy calls this LM's provider with its own engine rather than LiteLLM.
+
+    ``engine: auto`` falls back to LiteLLM for a provider DSPy's engine does not know, or
+    client settings it does not take (``extra_headers``, ``api_version``, ...): DSPy's own
+    offline choice (dspy/clients/backend_selection.py), made again here to know whether
+    litellm will be loaded. Unknown means LiteLLM (configuring it costs only its import)."""
+    if getattr(lm, "_engine_spec", None) == "litellm":
+        return False
     try:
-        return float(value) if value is not None else None
-    except ValueError:
+        from dspy.clients.backend_selection import select_backend
+
+        return bool(select_backend(lm).native)
+    except Exception:  # noqa: BLE001 - a DSPy-internal check; LiteLLM is the safe answer
+        return False
+
+
+@functools.cache
+def bundled_price(provider_model: str) -> Price | None:
+    """A model's USD price per token from the price table DSPy bundles, else None.
+
+    The fallback price table of SPEC §3, for models whose config gives no price: LiteLLM's
+    price map as DSPy 3.4 ships it (``dspy.clients.model_metadata``, a snapshot of
+    LiteLLM 1.105's ``model_prices_and_context_window.json``), read without importing
+    litellm (~150 MB) and offline (``LITELLM_LOCAL_MODEL_COST_MAP``, set by
+    worker.dspy_env). ``provider_model`` is ``provider/model`` as the config gives it; a
+    name without a provider has no entry. Loaded on first use (~0.1 s, ~8 MB), cached per
+    model (a miss scans the table's aliases).
+    """
+    from dspy.clients.model_metadata import model_info, rate
+
+    provider, _, name = provider_model.partition("/")
+    if not name:
         return None
-
-
-def _from_dspy(exc: Exception) -> JobError | None:
-    """DSPy ≥ 3.4 wraps provider failures in its own LMError types, with status and Retry-After."""
-    from dspy.utils import exceptions as dx
-
-    if not isinstance(exc, dx.LMError):
+    entry = model_info(provider, name)
+    per_input = rate(entry, "input_cost_per_token")
+    per_output = rate(entry, "output_cost_per_token")
+    if per_input is None:
         return None
-    status = getattr(exc, "status", None)
-    retry_after = getattr(exc, "retry_after", None)
-    details = {"status_code": status} if status else {}
-    if isinstance(exc, dx.LMTimeoutError):
-        return ProviderTimeoutError(f"provider timed out: {_short(exc)}", status_code=status,
-                                    details=details)  # fmt: skip
-    if isinstance(exc, dx.LMRateLimitError | dx.LMServerError | dx.LMTransportError):
-        return ProviderError(
-            f"provider failed: {_short(exc)}", status_code=status,
-            retry_after=float(retry_after) if retry_after is not None else None, details=details,
-        )  # fmt: skip
-    if isinstance(exc, dx.LMProviderError):
-        return ProviderRequestError(f"provider rejected the request: {_short(exc)}",
-                                    details=details)  # fmt: skip
-    return None
-
-
-def map_provider_error(exc: Exception) -> JobError | None:
-    """Our error for an exception raised by an LM call, or None if it is not one."""
-    mapped = _from_dspy(exc)
-    if mapped is not None:
-        return mapped
-    if "litellm" not in sys.modules:
-        return None  # nothing below can match: litellm was never loaded
-    litellm = litellm_module()
-    if isinstance(exc, litellm.exceptions.Timeout):
-        return ProviderTimeoutError(f"provider timed out: {_short(exc)}", status_code=408)
-    status = getattr(exc, "status_code", None)
-    if isinstance(exc, litellm.exceptions.APIConnectionError):
-        return ProviderError(f"cannot reach provider: {_short(exc)}")
-    if not isinstance(exc, litellm.exceptions.OpenAIError | litellm.exceptions.APIError):
-        return None
-    if isinstance(status, int) and (status == 429 or status >= 500):
-        return ProviderError(
-            f"provider answered {status}: {_short(exc)}",
-            status_code=status,
-            retry_after=_retry_after(exc),
-            details={"status_code": status},
-        )
-    return ProviderRequestError(
-        f"provider rejected the request: {_short(exc)}", details={"status_code": status}
-    )
-
-
-def _short(exc: Exception, limit: int = 300) -> str:
-    text = str(getattr(exc, "message", None) or exc)
-    return text if len(text) <= limit else text[:limit] + "…"
+    return Price(per_input, per_output or 0.0)

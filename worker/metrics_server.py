@@ -1,14 +1,20 @@
-"""The worker's HTTP server for Prometheus: ``/metrics`` and ``/health`` on DSPY_FLEET_METRICS_PORT.
+"""The worker's HTTP server for Prometheus: ``/metrics`` and ``/health`` on DSPY_FLEET_METRICS_PORT
+(on DSPY_FLEET_METRICS_HOST, 127.0.0.1 unless set).
 
 Every pool uses prometheus-client's multiprocess mode, so one server in the
 main process reports the samples of every pool child. The alternative (each
 prefork child starting its own server) is the classic bug: only one child
 binds the port and the counts come out a fraction of the truth.
 
-Order matters: prometheus-client picks its value class when it is first
-imported, so :func:`prepare` must run before anything imports it in the main
-process (the ``import_modules`` signal, which Celery sends before it imports
-the task modules).
+Order matters: prometheus-client picks its value class (in-memory, or the
+multiprocess files) when it is first imported, and a metric keeps the class it was
+built with. Celery's CLI imports prometheus-client before any of our code runs (it
+loads Flower's CLI plugin, which imports it), so :func:`prepare` sets the directory and
+picks the value class again, before the task modules build the worker's metrics (the
+``import_modules`` signal, which the worker sends before it imports them).
+
+``dspy_circuit_breaker_state`` is not served here: the API exports the fleet's shared
+breaker states (api/metrics.py), so that N workers do not report N copies of them.
 """
 
 from __future__ import annotations
@@ -37,17 +43,18 @@ _LIVE_FILE = re.compile(r"^gauge_live\w*?_(\d+)\.db$")
 _state: dict[str, Any] = {"dir": None, "owned": False, "server": None, "thread": None}
 
 
-def prepare() -> Path | None:
-    """Point prometheus-client at an empty multiprocess directory; None if it is too late.
+def prepare() -> Path:
+    """Point prometheus-client at an empty multiprocess directory; returns the directory.
 
     Uses PROMETHEUS_MULTIPROC_DIR when the operator set it (a volume in a
     read-only container), else a private temporary directory. Stale files from
     an earlier run would add old counts, so the directory is emptied.
+
+    If prometheus-client is already imported (Celery's CLI imports it through Flower's
+    plugin), its value class is picked again now that the directory is set: metrics
+    built from here on (the worker's, when the task modules are imported) write to the
+    directory. Call it before worker.metrics is imported.
     """
-    if "prometheus_client.values" in sys.modules and not multiprocess_enabled():
-        # Too late for this process (e.g. Flower, which imports the task
-        # modules too); start() complains if it is a worker.
-        return None
     given = os.environ.get(ENV)
     if given:
         path = Path(given)
@@ -60,6 +67,12 @@ def prepare() -> Path | None:
     if _state["dir"] != path:
         _empty(path)
     _state.update(dir=path, owned=owned)
+    if "prometheus_client.values" in sys.modules and not multiprocess_enabled():
+        from prometheus_client import values
+
+        # The class prometheus-client would have picked had the variable been set at its
+        # import (values.get_value_class reads PROMETHEUS_MULTIPROC_DIR).
+        values.ValueClass = values.get_value_class()
     return path
 
 
@@ -105,10 +118,12 @@ def _pid_alive(pid: int) -> bool:
 
 def render() -> bytes:
     """The exposition text of every process of this worker."""
-    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
     path = _state["dir"]
     if path is None or not multiprocess_enabled():
+        from worker.metrics import REGISTRY
+
         return generate_latest(REGISTRY)
     _prune_dead_children(path)
     registry = CollectorRegistry()
@@ -149,7 +164,7 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes every few seconds would flood the logs; stay quiet."""
 
 
-def start(port: int, host: str = "0.0.0.0") -> int | None:
+def start(port: int, host: str = "127.0.0.1") -> int | None:
     """Serve /metrics and /health from this (the main) process; returns the bound port.
 
     Idempotent: a second call keeps the first server, so there is exactly one.
@@ -171,7 +186,7 @@ def start(port: int, host: str = "0.0.0.0") -> int | None:
     _state.update(server=server, thread=thread)
     log.info(
         "metrics server listening",
-        extra={"port": server.server_port, "multiprocess": multiprocess_enabled()},
+        extra={"host": host, "port": server.server_port, "multiprocess": multiprocess_enabled()},
     )
     return int(server.server_port)
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dspy_fleet.contract import DEFAULT_TENANT, PredictFields, reserved_inputs
+from dspy_fleet.errors import ConfigError, UnknownProgramError
+from dspy_fleet.fleet_config import FleetConfig, ProgramConfig, reserved_message
+from dspy_fleet.plan import Plan, ProgramInfo, plan_request
 from worker.dspy_env import dspy
-from worker.errors import ConfigError, MessageValidationError, UnknownProgramError
-from worker.fleet_config import FleetConfig, ProgramConfig
 
 
 @dataclass(frozen=True)
@@ -25,30 +28,6 @@ class LoadedProgram:
     # Changes whenever the signature, predictor or saved state changes, so a
     # cache keyed on it never serves outputs of an older program.
     version: str
-
-    def bind_inputs(self, text: str | None, inputs: dict[str, Any] | None) -> dict[str, Any]:
-        """Map a request's input/inputs onto this program's input fields, or explain why not."""
-        if text is not None:
-            if len(self.input_fields) != 1:
-                raise MessageValidationError(
-                    f"program {self.name!r} takes {len(self.input_fields)} inputs; "
-                    "send them by name in 'inputs'",
-                    details={"input_fields": list(self.input_fields)},
-                )
-            return {self.input_fields[0]: text}
-        given = dict(inputs or {})
-        missing = [f for f in self.input_fields if f not in given]
-        extra = [f for f in given if f not in self.input_fields]
-        if missing or extra:
-            raise MessageValidationError(
-                f"inputs do not match program {self.name!r}",
-                details={
-                    "missing": missing,
-                    "unexpected": extra,
-                    "input_fields": list(self.input_fields),
-                },
-            )
-        return given
 
 
 def _import(path: str, key: str) -> Any:
@@ -79,6 +58,41 @@ def _build_module(name: str, cfg: ProgramConfig) -> dspy.Module:
     return predictor(signature)
 
 
+def _call_names(module: dspy.Module) -> set[str]:
+    """Every name a call of this program may pass as a keyword: the input fields of each of
+    its predictors (a module may feed one's outputs to the next) and the named parameters
+    of its ``forward``."""
+    names: set[str] = set()
+    for predictor in module.predictors():
+        names.update(predictor.signature.input_fields)
+    if (sig := getattr(module, "signature", None)) is not None:
+        names.update(sig.input_fields)
+    forward = getattr(type(module), "forward", None)
+    if forward is not None:
+        params = list(inspect.signature(forward).parameters.values())[1:]  # after self
+        names.update(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return names
+
+
+def _check_reserved(name: str, cfg: ProgramConfig, module: dspy.Module) -> None:
+    """Refuse a program with an input DSPy would take as its own call keyword (config, lm...):
+    a tenant's value for it would steer the provider call."""
+    if reserved := reserved_inputs(_call_names(module)):
+        where = "module" if cfg.module is not None else "signature"
+        raise ConfigError(f"programs.{name}.{where}: {reserved_message(reserved)}")
+
+
+def program_inputs(module: dspy.Module) -> tuple[str, ...]:
+    """The input fields a call of this program takes: its first predictor's (or its own)."""
+    predictors = module.predictors()
+    if predictors:
+        return tuple(predictors[0].signature.input_fields)
+    sig = getattr(module, "signature", None)
+    if sig is None:
+        raise ConfigError(f"{type(module).__name__}: cannot find a signature to read fields from")
+    return tuple(sig.input_fields)
+
+
 def _fields(module: dspy.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Inputs of the whole program and outputs of its last predictor."""
     sig = getattr(module, "signature", None)
@@ -87,7 +101,7 @@ def _fields(module: dspy.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
         sig = predictors[-1].signature
     if sig is None:
         raise ConfigError(f"{type(module).__name__}: cannot find a signature to read fields from")
-    inputs = tuple(predictors[0].signature.input_fields) if predictors else tuple(sig.input_fields)
+    inputs = program_inputs(module)
     outputs = tuple(f for f in sig.output_fields if f != "reasoning")
     return inputs, outputs
 
@@ -118,6 +132,8 @@ def load_program(name: str, cfg: ProgramConfig, state: Path | None = None) -> Lo
             module.load(str(state))
         except Exception as exc:  # dspy raises assorted errors on a bad file
             raise ConfigError(f"programs.{name}.state: cannot load {state}: {exc}") from None
+    # After the state: a saved state may bring its own signature.
+    _check_reserved(name, cfg, module)
     inputs, outputs = _fields(module)
     return LoadedProgram(name, module, inputs, outputs, _version(cfg, module, state))
 
@@ -133,6 +149,18 @@ class ProgramRegistry:
             for variant, var in cfg.variants.items():
                 if var.state is not None:
                     self._programs[(name, variant)] = load_program(name, cfg, var.state)
+        # What the planner knows of each program: the very catalog published to the API,
+        # so that the API and the worker plan from the same fields and versions.
+        self._infos = {n: ProgramInfo.from_catalog(e) for n, e in self.catalog().items()}
+
+    def plan(
+        self, request: PredictFields, tenant: str = DEFAULT_TENANT
+    ) -> tuple[Plan, LoadedProgram]:
+        """The job's plan (dspy_fleet.plan: the API's rules too) and the program state it
+        runs; a JobError when it names something unknown or its inputs do not fit.
+        ``tenant`` owns the job (it scopes the cache key, as on the API)."""
+        plan = plan_request(self.config, request, self._infos.get, tenant=tenant)
+        return plan, self.get(plan.program, plan.variant)
 
     def get(self, name: str, variant: str | None = None) -> LoadedProgram:
         """A program (in the variant's saved state, if it has one); names the ones that exist."""

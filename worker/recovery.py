@@ -1,76 +1,293 @@
-"""Find accepted jobs whose message the broker lost, and publish them again.
+"""The due sweep: every job that has not finished ends, whatever was lost on the way.
 
-kombu's Redis transport pops a message (BRPOP) and only then records it as
-unacknowledged; a worker killed in between loses it. So does an API process
-that dies between recording a job and publishing it. Every job the API or the
-SDK accepts is recorded with a copy of its message and listed as pending until
-it finishes. A sweep (one worker at a time, under a lock) looks at pending jobs
-still "queued" after ``lost_after`` seconds, and republishes those that are
-neither waiting in their queue nor held unacknowledged by a worker — seen so on
-two sweeps in a row, so a message caught mid-handover is never counted.
-Publishing twice is harmless: a job runs to completion and bills once.
+Every accepted job sits in the due-time index (``dspy_fleet:pending``, a sorted set on
+Redis's clock) until it finishes, scored by the next time someone must look at it:
+
+- ``queued``: accepted (or published) + ``RECOVERY_AFTER_SECONDS``: is its message still
+  waiting? Not by scanning the queue: the queue is FIFO, so if the oldest message still
+  waiting there was published after this job's, this job's message should have been
+  consumed. If it was (and the job is neither claimed nor held unacknowledged by a worker,
+  on two looks in a row, so a message caught mid-handover is never counted), the message
+  was lost — an API that died before publishing, a worker killed between kombu's pop and
+  its unacked record — and is published again. Otherwise it is looked at again later.
+- ``retrying``: the retry's due time (retries are scheduled here, not as Celery countdown
+  messages): published then.
+- ``throttled``: its turn at its model's provider limit (dspy_fleet/store/pacing.py):
+  published then, a little early; the worker that takes it waits out the rest.
+- ``running``: its lease's expiry (renewed while its worker lives). A lapsed lease means
+  the owner died: the job is published again, and the next delivery takes it over.
+
+Each worker sweeps every ``SWEEP_SECONDS`` with no global lock: one Lua script takes up
+to ``BATCH`` due entries and pushes their scores a little into the future, atomically,
+so two sweepers never take the same one. No cap on the backlog, no give-up threshold.
+Publishing twice is harmless: a job is claimed under one lease, and finishes and bills once.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import redis
 
-from worker.contract import QUEUES
-from worker.jobs import KEY_PREFIX, PENDING_KEY
+from dspy_fleet.contract import TERMINAL_STATUSES
+from dspy_fleet.store.jobs import KEY_PREFIX, LEASE_PREFIX, PENDING_KEY
 
 log = logging.getLogger("dspy_fleet.recovery")
 
-LOCK_KEY = "dspy_fleet:recovery:lock"
-SUSPECTS_KEY = "dspy_fleet:recovery:suspects"
 UNACKED_KEY = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchange, key]
-SCAN_CHUNK = 500
-SCAN_CAP = 20_000  # per queue and sweep; a deeper backlog is checked on later sweeps
+# kombu's Redis transport keeps one list per priority step: "queue", "queue\x06\x163", ...
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+SWEEP_SECONDS = 0.5
+BATCH = 500  # entries taken per script call; a sweep calls it until nothing is due
+HOLD_SECONDS = 10.0  # a taken entry's score meanwhile: if its sweeper dies, looked at again
+CONFIRM_SECONDS = 1.0  # a suspect is looked at again this soon, before it is republished
 
 Publish = Callable[[str, dict[str, Any], str, str | None], None]
 
+_LUA_TERMINAL = (
+    "local TERMINAL = {" + ", ".join(f"{s} = true" for s in sorted(TERMINAL_STATUSES)) + "}\n"
+)
 
-def _message_meta(raw: str) -> tuple[str | None, str | None]:
-    """(task id, submitted_at) of a kombu message in a Redis list."""
+# Take up to ARGV[1] due jobs. Those whose next step needs no look at the broker happen
+# here, atomically with the take: ended or expired → out of the index; running under a
+# live lease → re-scored to its expiry; retrying (due) or running with a lapsed lease →
+# status queued, to be published by the caller. Queued jobs are re-scored ARGV[2]
+# seconds ahead and returned for the watermark check.
+# KEYS: pending set. ARGV: limit, hold s, recovery_after s, job prefix, lease prefix,
+# the statuses queued, running, retrying and throttled.
+# Returns {now, {id, kind, message, queue, request_id, enqueued_at, suspect}...}.
+_TAKE = (
+    _LUA_TERMINAL
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local out = {string.format('%.6f', now)}
+for _, id in ipairs(due) do
+  local job = ARGV[4] .. id
+  local lease = ARGV[5] .. id
+  local f = redis.call('HMGET', job, 'status', 'message', 'queue', 'request_id',
+                       'enqueued_at', 'suspect')
+  local status = f[1]
+  if not status or TERMINAL[status] then
+    redis.call('ZREM', KEYS[1], id)
+  elseif status == ARGV[7] and redis.call('EXISTS', lease) == 1 then
+    redis.call('ZADD', KEYS[1], now + redis.call('PTTL', lease) / 1000, id)
+  elseif not f[2] then
+    -- No copy of the message (a raw send_task job): the broker's redelivery is all there is.
+    redis.call('ZREM', KEYS[1], id)
+  elseif status == ARGV[6] and f[5] and tonumber(f[5]) + tonumber(ARGV[3]) > now then
+    -- Accepted by a creator with a shorter (or no) recovery_after: not due by ours yet.
+    redis.call('ZADD', KEYS[1], tonumber(f[5]) + tonumber(ARGV[3]), id)
+  elseif status == ARGV[6] then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
+    out[#out + 1] = {id, ARGV[6], f[2], f[3] or false, f[4] or false, f[5] or false,
+                     f[6] or false}
+  elseif status == ARGV[8] or status == ARGV[7] or status == ARGV[9] then
+    local kind = 'takeover'
+    if status == ARGV[8] then kind = 'retry' elseif status == ARGV[9] then kind = 'throttle' end
+    redis.call('HSET', job, 'status', ARGV[6], 'enqueued_at', string.format('%.6f', now))
+    redis.call('HDEL', job, 'suspect')
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
+    out[#out + 1] = {id, kind, f[2], f[3] or false, f[4] or false, false, false}
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
+"""
+)
+
+# Republish a queued job seen lost twice: only if it is still queued (not claimed since).
+# KEYS: job, pending set. ARGV: job id, recovery_after s, the status queued.
+# Returns the message, or nil.
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], 'status') ~= ARGV[3] then return false end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('HSET', KEYS[1], 'enqueued_at', string.format('%.6f', now))
+redis.call('HDEL', KEYS[1], 'suspect')
+redis.call('ZADD', KEYS[2], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+return redis.call('HGET', KEYS[1], 'message')
+"""
+
+
+class Due(NamedTuple):
+    """A due job the sweep took."""
+
+    job_id: str
+    kind: str  # "queued", "retry", "throttle" or "takeover"
+    message: str
+    queue: str
+    request_id: str | None
+    enqueued_at: float | None
+    suspect: bool
+
+
+class Sweeper:
+    """The due sweep of one worker process."""
+
+    def __init__(self, client: redis.Redis, publish: Publish, *, recovery_after: float) -> None:
+        self.client = client
+        self.publish = publish
+        self.recovery_after = recovery_after
+        self._take = client.register_script(_TAKE)
+        self._requeue = client.register_script(_REQUEUE)
+
+    def sweep(self) -> list[str]:
+        """Handle every job due now; returns the ids published again."""
+        published: list[str] = []
+        while True:
+            now, due = self._take_due()
+            published += self._handle(now, due)
+            if len(due) < BATCH:
+                return published
+
+    def _take_due(self) -> tuple[float, list[Due]]:
+        reply = self._take(
+            keys=[PENDING_KEY],
+            args=[
+                BATCH,
+                HOLD_SECONDS,
+                self.recovery_after,
+                KEY_PREFIX,
+                LEASE_PREFIX,
+                "queued",
+                "running",
+                "retrying",
+                "throttled",
+            ],  # fmt: skip
+        )
+        due = [
+            Due(
+                str(r[0]),
+                str(r[1]),
+                str(r[2]),
+                str(r[3] or "interactive"),
+                str(r[4]) if r[4] else None,
+                float(r[5]) if r[5] else None,
+                bool(r[6]),
+            )  # fmt: skip
+            for r in reply[1:]
+        ]
+        return float(reply[0]), due
+
+    def _handle(self, now: float, due: Sequence[Due]) -> list[str]:
+        published = []
+        queued = []
+        for job in due:
+            if job.kind == "queued":
+                queued.append(job)
+                continue
+            self._publish(job.job_id, job.message, job.queue, job.request_id)
+            published.append(job.job_id)
+            if job.kind == "takeover":
+                log.warning("job's lease lapsed (its worker died): published it again",
+                            extra={"job_id": job.job_id})  # fmt: skip
+            elif job.kind == "throttle":
+                # Thousands of these in a paced batch: not worth a line each at INFO.
+                log.debug("throttled job's turn: published it again", extra={"job_id": job.job_id})
+            else:
+                log.info("retry due: published the job again", extra={"job_id": job.job_id})
+        if queued:
+            published += self._check_queued(now, queued)
+        return published
+
+    def _check_queued(self, now: float, jobs: Sequence[Due]) -> list[str]:
+        """The FIFO watermark check of queued jobs (no queue scan)."""
+        marks = oldest_waiting(self.client, sorted({j.queue for j in jobs}))
+        unacked: set[str] | None = None
+        later = self.client.pipeline(transaction=False)
+        lost = []
+        for job in jobs:
+            mark = marks[job.queue]
+            consumed = mark is EMPTY or (
+                isinstance(mark, float) and job.enqueued_at is not None and mark > job.enqueued_at
+            )
+            if consumed and unacked is None:
+                unacked = ids_unacked(self.client)
+            if not consumed or (unacked is not None and job.job_id in unacked):
+                # Still waiting its turn, or held by a worker: look again later.
+                if job.suspect:
+                    later.hdel(KEY_PREFIX + job.job_id, "suspect")
+                later.zadd(PENDING_KEY, {job.job_id: now + self.recovery_after}, xx=True)
+            elif not job.suspect:
+                later.hset(KEY_PREFIX + job.job_id, "suspect", "1")
+                later.zadd(PENDING_KEY, {job.job_id: now + CONFIRM_SECONDS}, xx=True)
+            else:
+                lost.append(job)
+        later.execute()
+        published = []
+        for job in lost:
+            message = self._requeue(
+                keys=[KEY_PREFIX + job.job_id, PENDING_KEY],
+                args=[job.job_id, self.recovery_after, "queued"],
+            )
+            if not message:
+                continue  # claimed (or ended) since the look
+            self._publish(job.job_id, str(message), job.queue, job.request_id)
+            published.append(job.job_id)
+            log.warning("republished a job whose message was lost", extra={"job_id": job.job_id})
+        return published
+
+    def _publish(self, job_id: str, message: str, queue: str, request_id: str | None) -> None:
+        self.publish(job_id, json.loads(message), queue, request_id)
+
+
+class _Empty:
+    """The queue has no message waiting at all."""
+
+
+EMPTY = _Empty()
+
+
+def oldest_waiting(client: redis.Redis, queues: Sequence[str]) -> dict[str, float | _Empty | None]:
+    """Per queue: when its oldest waiting message was published (its job's ``enqueued_at``),
+    EMPTY if no message waits, None if that cannot be told (a message without a job record).
+
+    O(1) per queue: LINDEX -1 of each of kombu's priority lists (FIFO: LPUSH, BRPOP)."""
+    names = [(q, q if p == 0 else f"{q}{PRIORITY_SEP}{p}") for q in queues for p in PRIORITY_STEPS]
+    pipe = client.pipeline(transaction=False)
+    for _, name in names:
+        pipe.lindex(name, -1)
+    heads = [(q, _task_id(raw) if raw is not None else "") for (q, _), raw in
+             zip(names, pipe.execute(), strict=True)]  # fmt: skip
+    pipe = client.pipeline(transaction=False)
+    for _, task_id in heads:
+        if task_id:
+            pipe.hget(KEY_PREFIX + task_id, "enqueued_at")
+    times = iter(pipe.execute())
+    marks: dict[str, float | _Empty | None] = {q: EMPTY for q in queues}
+    for queue, task_id in heads:
+        if task_id == "":
+            continue  # this priority list is empty
+        enqueued = next(times) if task_id else None
+        current = marks[queue]
+        if enqueued is None or current is None:
+            marks[queue] = None
+        else:
+            value = float(enqueued)
+            marks[queue] = value if current is EMPTY else min(value, current)  # type: ignore[type-var]
+    return marks
+
+
+def _task_id(raw: Any) -> str | None:
+    """The task id (= job id) of a kombu message in a Redis list, None if unreadable."""
     try:
         msg = json.loads(raw)
-        task_id = msg.get("headers", {}).get("id")
-        body = json.loads(base64.b64decode(msg["body"]))
-        return task_id, body[1].get("submitted_at")
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return None, None
+        return str(msg["headers"]["id"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
-def _ids_in_queue(client: redis.Redis, queue: str, newest: str) -> tuple[set[str], bool]:
-    """Task ids in ``queue`` submitted up to ``newest``; and whether that part was all read.
-
-    Redis lists are FIFO from the right, so the oldest messages come first.
-    """
-    found: set[str] = set()
-    start = 0
-    while start < SCAN_CAP:
-        chunk = client.lrange(queue, -(start + SCAN_CHUNK), -(start + 1))
-        if not chunk:
-            return found, True
-        for raw in reversed(chunk):
-            task_id, submitted = _message_meta(raw)
-            if task_id:
-                found.add(task_id)
-            if submitted and submitted > newest:
-                return found, True
-        if len(chunk) < SCAN_CHUNK:
-            return found, True
-        start += SCAN_CHUNK
-    return found, False
-
-
-def _ids_unacked(client: redis.Redis) -> set[str]:
+def ids_unacked(client: redis.Redis) -> set[str]:
+    """Task ids of the messages workers hold unacknowledged (prefetched or running)."""
     ids = set()
     for raw in client.hvals(UNACKED_KEY):
         try:
@@ -80,59 +297,44 @@ def _ids_unacked(client: redis.Redis) -> set[str]:
     return ids
 
 
-def sweep(
-    client: redis.Redis, publish: Publish, *, lost_after: float, interval: float
-) -> list[str]:
-    """One recovery sweep; returns the ids of the jobs it published again."""
-    if not client.set(LOCK_KEY, "1", nx=True, ex=max(1, int(interval))):
-        return []  # another worker swept moments ago
-    now = time.time()
-    candidates = client.zrangebyscore(PENDING_KEY, "-inf", now - lost_after, start=0, num=500)
-    if not candidates:
-        client.delete(SUSPECTS_KEY)
-        return []
-    pipe = client.pipeline(transaction=False)
-    for job_id in candidates:
-        pipe.hmget(KEY_PREFIX + job_id, "status", "message", "queue", "request_id", "created_at")
-    queued: dict[str, tuple[dict[str, Any], str, str | None, str]] = {}
-    gone = []
-    for job_id, (status, message, queue, request_id, created) in zip(
-        candidates, pipe.execute(), strict=True
-    ):
-        if status is None or message is None:
-            gone.append(job_id)  # expired, or created without a message copy: nothing to do
-        elif status == "queued":
-            queued[job_id] = (
-                json.loads(message),
-                queue or "interactive",
-                request_id,
-                created or "",
-            )
-    if gone:
-        client.zrem(PENDING_KEY, *gone)
-    if not queued:
-        return []
-    newest = max(c for *_, c in queued.values())
-    present: set[str] = set()
-    complete = True
-    for queue in QUEUES:
-        ids, whole = _ids_in_queue(client, queue, newest)
-        present |= ids
-        complete = complete and whole
-    present |= _ids_unacked(client)
-    missing = [j for j in queued if j not in present] if complete else []
-    suspects = set(client.smembers(SUSPECTS_KEY))
-    lost = [j for j in missing if j in suspects]
-    pipe = client.pipeline(transaction=True)
-    pipe.delete(SUSPECTS_KEY)
-    fresh = [j for j in missing if j not in suspects]
-    if fresh:
-        pipe.sadd(SUSPECTS_KEY, *fresh)
-        pipe.expire(SUSPECTS_KEY, int(max(interval * 10, lost_after * 2)))
-    pipe.execute()
-    for job_id in lost:
-        message, queue, request_id, _ = queued[job_id]
-        publish(job_id, message, queue, request_id)
-        client.zadd(PENDING_KEY, {job_id: time.time()}, xx=True)
-        log.warning("republished a job whose message was lost", extra={"job_id": job_id})
-    return lost
+class Sweeps(Protocol):
+    """Something swept periodically: the due sweep, the webhook sweep (worker/webhooks.py)."""
+
+    def sweep(self) -> list[str]:
+        """Handle what is due now; returns the ids handled."""
+        ...
+
+
+class SweepThread:
+    """Runs a worker's :class:`Sweeper` (or another sweep) every ``SWEEP_SECONDS`` until
+    stopped."""
+
+    def __init__(
+        self, sweeper: Sweeps, interval: float = SWEEP_SECONDS, name: str = "dspy-fleet-due-sweep"
+    ) -> None:
+        self.sweeper = sweeper
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._failing_since: float | None = None
+
+    def start(self) -> None:
+        """Start sweeping."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the current sweep."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sweeper.sweep()
+                if self._failing_since is not None:
+                    log.info("due sweep works again")
+                self._failing_since = None
+            except Exception as exc:  # a sweep must never die: it is what ends lost jobs
+                now = time.monotonic()
+                if self._failing_since is None or now - self._failing_since > 60:
+                    log.warning("due sweep failed (retrying every %.1fs): %s", self.interval, exc)
+                    self._failing_since = now

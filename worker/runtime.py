@@ -8,15 +8,20 @@ from dataclasses import dataclass
 
 import redis
 
-from worker import catalog, metrics, recovery
-from worker.breaker import STATES, BreakerBoard, BreakerPolicy, read_states
-from worker.cache import PredictionCache
-from worker.errors import ConfigError
-from worker.fleet_config import FleetConfig
-from worker.jobs import JobStore
+from dspy_fleet.errors import ConfigError
+from dspy_fleet.fleet_config import FleetConfig
+from dspy_fleet.settings import WorkerSettings
+from dspy_fleet.store import catalog
+from dspy_fleet.store.breakers import BreakerBoard, BreakerPolicy
+from dspy_fleet.store.cache import PredictionCache
+from dspy_fleet.store.causes import CauseBook
+from dspy_fleet.store.jobs import JobStore
+from dspy_fleet.store.leases import LeaseKeeper
+from dspy_fleet.store.pacing import Pacer, scopes_for
+from dspy_fleet.store.quotas import QuotaBook
+from worker import metrics
 from worker.lm import ModelPool
 from worker.programs import ProgramRegistry
-from worker.settings import WorkerSettings
 
 log = logging.getLogger("dspy_fleet.worker")
 
@@ -33,38 +38,67 @@ class Runtime:
     redis: redis.Redis
     cache: PredictionCache
     breakers: BreakerBoard
+    leases: LeaseKeeper
+    pacer: Pacer
+    causes: CauseBook
+    quotas: QuotaBook
 
 
-def redis_client(url: str) -> redis.Redis:
-    """A Redis client for job records, caches and heartbeats (decoded strings)."""
+def redis_client(url: str, settings: WorkerSettings) -> redis.Redis:
+    """A Redis client for job records, caches and heartbeats (decoded strings).
+
+    Connect and read timeouts from the settings: a hung Redis fails the job's command
+    (the task hands its message back) instead of holding a worker thread. One retry on
+    a timeout or dropped connection: a worker is not answering anyone meanwhile.
+    """
     return redis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5,
-        health_check_interval=10, retry_on_timeout=True,
+        url, decode_responses=True, health_check_interval=10, retry_on_timeout=True,
+        **settings.redis_timeouts,
     )  # fmt: skip
 
 
 def build_runtime(settings: WorkerSettings, config: FleetConfig) -> Runtime:
     """Build programs (failing fast on a broken one), model pool and stores."""
-    client = redis_client(settings.redis_url)
+    client = redis_client(settings.redis_url, settings)
     registry = ProgramRegistry(config)
     models = ModelPool(config)
     models.warm()
     cache_client = (
-        client if settings.cache_redis == settings.redis_url else redis_client(settings.cache_redis)
+        client
+        if settings.cache_redis == settings.redis_url
+        else redis_client(settings.cache_redis, settings)
     )
     rt = Runtime(
         settings=settings,
         config=config,
         registry=registry,
         models=models,
-        store=JobStore(client, settings.job_ttl_seconds),
+        store=JobStore(
+            client,
+            settings.job_ttl_seconds,
+            recovery_after=settings.recovery_after_seconds,
+            lease_seconds=settings.lease_seconds,
+        ),  # fmt: skip
+        leases=LeaseKeeper(client, settings.lease_seconds),
         redis=client,
         breakers=BreakerBoard(client, breaker_policies(settings, config)),
+        pacer=Pacer(
+            client,
+            scopes_for(config),
+            interactive_share=settings.interactive_share,
+            burst_seconds=settings.rate_burst_seconds,
+            horizon_seconds=settings.pacing_horizon_seconds,
+        ),
+        causes=CauseBook(client),
+        quotas=QuotaBook(client, config.tenants),
         cache=PredictionCache(
             cache_client,
             l1_max_entries=settings.l1_cache_entries,
             l1_ttl=settings.l1_cache_ttl_seconds,
             lock_seconds=settings.coalesce_lock_seconds,
+            # A follower waits, and a leader's lock is renewed, at most the job's time limit.
+            max_wait=settings.time_limit,
+            count=metrics.count_cache_op,
         ),
     )
     publish_catalog(rt)
@@ -85,20 +119,10 @@ def breaker_policies(settings: WorkerSettings, config: FleetConfig) -> dict[str,
     return policies
 
 
-def on_heartbeat(rt: Runtime, republish: recovery.Publish) -> None:
-    """Each beat: show the fleet's breaker states in this worker's gauges, republish the
-    catalog (a restarted Redis may have lost it) and sweep for lost job messages.
-    Raises RedisError on an outage."""
-    states = read_states(rt.redis, list(rt.config.models))
-    for model, state in states.items():
-        metrics.BREAKER_STATE.labels(model).set(STATES.get(state, 0))
+def on_heartbeat(rt: Runtime) -> None:
+    """Each beat: republish the catalog (a restarted Redis may have lost it). Raises
+    RedisError on an outage."""
     catalog.publish(rt.redis, rt.registry.catalog())
-    recovery.sweep(
-        rt.redis,
-        republish,
-        lost_after=rt.settings.recovery_after_seconds,
-        interval=rt.settings.heartbeat_seconds,
-    )
 
 
 def publish_catalog(rt: Runtime) -> None:

@@ -6,13 +6,15 @@ import logging
 from typing import Any
 
 import redis
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 from kombu.exceptions import OperationalError
 
-from worker.celery_app import app, get_runtime
-from worker.contract import TASK_NAME
-from worker.errors import JobFailed, RetryJob
-from worker.runner import execute
+from dspy_fleet.broker.celery_config import CALLBACK_TASK
+from dspy_fleet.contract import TASK_NAME
+from dspy_fleet.errors import JobFailed
+from worker.celery_app import app, get_runtime, get_webhooks
+from worker.runner import LeftToOthers, execute
+from worker.webhooks import deliver
 
 log = logging.getLogger("dspy_fleet.worker")
 
@@ -32,17 +34,15 @@ def predict(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
             kwargs,
             task_id=self.request.id,
             request_id=self.request.get("request_id"),
-            attempt=self.request.retries + 1,
             queue=(self.request.delivery_info or {}).get("routing_key"),
         )
     except JobFailed as exc:
         error = exc.error
-    except RetryJob as exc:
-        # A new message with a countdown: this worker slot is free while it waits.
-        try:
-            raise self.retry(countdown=exc.countdown, exc=exc, max_retries=None) from None
-        except (redis.RedisError, OperationalError) as infra:
-            raise _give_back(infra) from None
+    except LeftToOthers:
+        # The job is another delivery's (its lease owner's), or waits in the due-time index
+        # for a retry: this message is done with. Acknowledged, and no result is stored
+        # under the job's task id (the job has not ended).
+        raise Ignore() from None
     except (redis.RedisError, OperationalError) as infra:
         raise _give_back(infra) from None
     # Raised afresh, outside the except block, so its traceback is this frame alone.
@@ -51,6 +51,17 @@ def predict(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     # job left ~230 KB of worker RSS behind for good, from here ~110 KB, near a bare
     # Celery task's ~85 KB (bench figure h's note; README, Performance).
     raise JobFailed(error)
+
+
+@app.task(name=CALLBACK_TASK, ignore_result=True)
+def deliver_callback(member: str, attempt: int) -> str:
+    """One attempt of one webhook (worker/webhooks.py): "job:<id>" or "batch:<id>"."""
+    try:
+        return deliver(get_webhooks(), member, int(attempt))
+    except redis.RedisError as exc:
+        # Nothing is lost: the callback stays due in Redis and the sweep publishes it again.
+        log.warning("Redis failed during a webhook delivery; the sweep retries it: %s", exc)
+        return "redis_error"
 
 
 def _give_back(exc: Exception) -> Reject:

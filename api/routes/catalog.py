@@ -6,9 +6,11 @@ from datetime import UTC, date, datetime, timedelta
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from api.errors import ValidationFailed
 from api.services import services
-from worker import ledger
+from dspy_fleet.errors import RequestValidationError
+from dspy_fleet.routing import pick_model
+from dspy_fleet.store import ledger
+from dspy_fleet.store.quotas import QUOTAS
 
 bp = Blueprint("catalog", __name__)
 MAX_COST_DAYS = 366
@@ -29,7 +31,7 @@ def programs() -> Response:
             "input_fields": loaded["input_fields"] if loaded else None,
             "output_fields": loaded["output_fields"] if loaded else None,
             "version": loaded["version"] if loaded else None,
-            "default_model": svc.config.model_for(name, None),
+            "default_model": pick_model(svc.config, name, None, None),
             "variants": [
                 {"name": v, "weight": var.weight, "model": var.model,
                  "version": (loaded or {}).get("variants", {}).get(v, {}).get("version")}
@@ -63,7 +65,7 @@ def _day(name: str, default: date) -> date:
     try:
         return date.fromisoformat(raw)
     except ValueError:
-        raise ValidationFailed(
+        raise RequestValidationError(
             f"{name} must be a date like 2026-01-31",
             details={"errors": [{"field": name, "message": "expected YYYY-MM-DD"}]},
         ) from None
@@ -79,4 +81,16 @@ def costs() -> Response:
     # since after until is an empty range.
     since = max(since, _days_before(until, MAX_COST_DAYS - 1))
     tenant = g.get("tenant_filter")  # set by auth: a tenant only sees its own costs
-    return jsonify(ledger.read_costs(services().redis, since, until, tenant=tenant))
+    svc = services()
+    costs = ledger.read_costs(svc.redis, since, until, tenant=tenant)
+    # Each tenant's limits beside its spend: its entry says what it may spend, and
+    # "budgets" what it used of that this day and month (as GET /v1/usage shows it).
+    names = [tenant] if tenant is not None else sorted(set(svc.config.tenants)
+                                                       | set(costs["by_tenant"]))  # fmt: skip
+    for name in names:
+        quota = svc.config.tenants.get(name)
+        limits = quota.model_dump() if quota else dict.fromkeys(QUOTAS)
+        if name in costs["by_tenant"]:
+            costs["by_tenant"][name]["limits"] = limits
+    costs["budgets"] = {name: svc.quotas.usage(name) for name in names}
+    return jsonify(costs)

@@ -10,87 +10,92 @@ from flask import Blueprint, Response, g, jsonify, request
 from pydantic import ValidationError
 
 from api.auth import visible
-from api.errors import BadRequest, Conflict, NotFound, ValidationFailed
+from api.body import check_depth
+from api.limits import POLL_AGAIN_SECONDS, wait_limiter
 from api.services import CacheHit, services
 from api.views import job_view
 from api.waiter import JobWaiter
-from worker.contract import DEFAULT_TENANT, PredictRequest, build_message, field_errors
-from worker.jobs import TERMINAL
-from worker.routing import Route, bind_inputs, cache_key, resolve
+from dspy_fleet.contract import (
+    DEFAULT_TENANT,
+    TERMINAL_STATUSES,
+    PredictFields,
+    PredictRequest,
+    build_message,
+    field_errors,
+)
+from dspy_fleet.errors import (
+    InvalidJsonError,
+    NotCancellableError,
+    NotFoundError,
+    RequestValidationError,
+)
+from dspy_fleet.fleet_config import FleetConfig
+from dspy_fleet.plan import Plan, catalog_lookup, plan_request
+from dspy_fleet.store.catalog import CatalogReader
+from dspy_fleet.store.jobs import job_record
+from dspy_fleet.webhooks.urls import check_url
 
 log = logging.getLogger("dspy_fleet.api")
 bp = Blueprint("predictions", __name__, url_prefix="/v1")
 
 
 def _json_body() -> Any:
+    check_depth(request.get_data())  # before any parser recurses into it
     body = request.get_json(force=True, silent=True)
     if body is None:
-        raise BadRequest("request body is not valid JSON")
+        raise InvalidJsonError("request body is not valid JSON")
     return body
 
 
-def _schema_errors(exc: ValidationError) -> ValidationFailed:
+def _schema_errors(exc: ValidationError) -> RequestValidationError:
     errors = field_errors(exc)
     fields = ", ".join(sorted({e["field"] for e in errors}))
-    return ValidationFailed(f"invalid request: check {fields}", details={"errors": errors})
+    return RequestValidationError(f"invalid request: check {fields}", details={"errors": errors})
 
 
-def _plan(req: PredictRequest) -> tuple[Route, str | None]:
-    """Resolve program, variant and model (404 for unknown names) and, when possible, the
-    cache key. Input fields are checked here when a worker has published the program."""
+def plan_for(config: FleetConfig, catalog: CatalogReader, req: PredictFields, tenant: str) -> Plan:
+    """The request's plan, by the rules the worker runs it by (dspy_fleet.plan); input
+    fields are checked once a worker has published the program. Unknown program, model
+    or variant: 404 (their errors carry it), with the worker's code, message and details."""
+    return plan_request(config, req, catalog_lookup(catalog), tenant=tenant)
+
+
+def check_callback(url: str | None) -> None:
+    """422 callback_url_refused unless ``url`` (when given) may be called back (SSRF guard
+    without DNS: the worker resolves and checks again when it delivers)."""
+    if url is not None:
+        check_url(url, services().callback_allow)
+
+
+def _plan(req: PredictFields) -> Plan:
     svc = services()
-    cfg = svc.config
-    program = req.program or cfg.default_program
-    if program not in cfg.programs:
-        raise NotFound(f"unknown program {program!r}", code="unknown_program",
-                       details={"programs": sorted(cfg.programs)})  # fmt: skip
-    variants = cfg.programs[program].variants
-    if req.variant is not None and req.variant not in variants:
-        raise NotFound(f"program {program!r} has no variant {req.variant!r}",
-                       code="unknown_variant", details={"variants": sorted(variants)})  # fmt: skip
-    if req.model is not None and req.model not in cfg.models:
-        raise NotFound(f"unknown model {req.model!r}", code="unknown_model",
-                       details={"models": sorted(cfg.models)})  # fmt: skip
-    entry = svc.catalog.get(program)
-    inputs = req.inputs
-    if entry is not None:
-        inputs = bind_inputs(entry["input_fields"], req.input, req.inputs)
-        if inputs is None:
-            fields = entry["input_fields"]
-            raise ValidationFailed(
-                f"program {program!r} takes inputs {', '.join(fields)}"
-                + ("" if req.input is None else "; send them by name in 'inputs'"),
-                details={"input_fields": fields, "errors": [
-                    {"field": "inputs" if req.input is None else "input",
-                     "message": f"expected fields: {', '.join(fields)}"}]},
-            )  # fmt: skip
-    params = req.parameters.effective()
-    route = resolve(cfg, program, model=req.model, variant=req.variant, inputs=inputs,
-                    params=params)  # fmt: skip
-    key = None
-    if req.use_cache and entry is not None and inputs is not None:
-        arm = entry["variants"].get(route.variant) if route.variant else entry
-        if arm and arm.get("version"):
-            key = cache_key(program, arm["version"], route.model, inputs, params)
-    return route, key
+    return plan_for(svc.config, svc.catalog, req, g.get("tenant") or DEFAULT_TENANT)
 
 
 def _waiter() -> JobWaiter:
     svc = services()
-    waiter = getattr(svc, "waiter", None)
-    if waiter is None:
-        waiter = svc.waiter = JobWaiter(svc.redis, svc.store)
-    return waiter
+    if svc.waiter is None:
+        svc.waiter = JobWaiter(svc.redis, svc.store)
+    return svc.waiter
 
 
 def _answer(job: dict[str, Any], wait: float) -> tuple[Response, int]:
-    if wait > 0 and job.get("status") not in TERMINAL:
-        job = _waiter().wait(job["job_id"], wait) or job
+    capped = None
+    if wait > 0 and job.get("status") not in TERMINAL_STATUSES:
+        # A held request holds one of the process's slots (a connection under gevent, a
+        # thread under gthread): over its tenant's (or the total) cap it is answered at
+        # once, as if wait were 0 (api/limits.py says why not 429).
+        with wait_limiter().slot(g.get("tenant") or DEFAULT_TENANT) as capped:
+            if capped is None:
+                job = _waiter().wait(job["job_id"], wait) or job
     view = job_view(job)
-    status = 200 if job.get("status") in TERMINAL else 202
+    status = 200 if job.get("status") in TERMINAL_STATUSES else 202
     resp = jsonify(view)
     if status == 202:
         resp.headers["Location"] = view["status_url"]
+    if capped is not None:
+        resp.headers["X-Wait-Capped"] = capped
+        resp.headers["Retry-After"] = str(POLL_AGAIN_SECONDS)
     return resp, status
 
 
@@ -102,30 +107,42 @@ def predict() -> tuple[Response, int]:
         req = PredictRequest.model_validate(_json_body())
     except ValidationError as exc:
         raise _schema_errors(exc) from None
-    route, key = _plan(req)
+    check_callback(req.callback_url)
+    plan = _plan(req)
     svc = services()
     tenant = g.get("tenant") or DEFAULT_TENANT
-    fixed = req.model_copy(update={"program": route.program, "model": route.model,
-                                   "variant": route.variant})  # fmt: skip
-    message = build_message(fixed, tenant=tenant)
-    record = {"program": route.program, "model": route.model, "variant": route.variant,
-              "tenant": tenant, "request_id": req.request_id, "queue": req.priority,
-              "created_at": message.submitted_at}  # fmt: skip
-    outcome = svc.submit(message, record, request_id=g.get("request_id"), cache_key=key)
+    # The message carries the plan's program, model and variant: the worker's own plan
+    # of it then agrees with this one by construction.
+    message = build_message(plan.routed(req), tenant=tenant)
+    record = job_record(message)
+    if message.callback_url is not None:
+        # The webhook body's links are built on the root this client reached us at.
+        record["api_url"] = request.url_root
+    # The tenant's quotas before anything is queued (429 quota_exceeded); a replay of an
+    # accepted request is not a new one, and a refused record was never accepted.
+    counted = svc.admit(tenant)
+    try:
+        outcome = svc.submit(message, record, request_id=g.get("request_id"),
+                             cache_key=plan.cache_key)  # fmt: skip
+    except Exception:
+        svc.refund(counted)
+        raise
+    if not isinstance(outcome, CacheHit) and not outcome[1]:
+        svc.refund(counted)
     if isinstance(outcome, CacheHit):
         job = svc.serve_cached(message, record, outcome.entry, started=started)
-        _log_fields(job, route, "answered from cache without queueing", cache="l2")
+        _log_fields(job, plan, "answered from cache without queueing", cache="l2")
         return _answer(job, min(req.wait, svc.settings.max_wait_seconds))
     job, created = outcome
-    _log_fields(job, route, "job enqueued" if created else "idempotent replay of an existing job")
+    _log_fields(job, plan, "job enqueued" if created else "idempotent replay of an existing job")
     return _answer(job, min(req.wait, svc.settings.max_wait_seconds))
 
 
-def _log_fields(job: dict[str, Any], route: Route, outcome: str, **more: Any) -> None:
+def _log_fields(job: dict[str, Any], plan: Plan, outcome: str, **more: Any) -> None:
     """What the request's one access-log line says about the job (api/middleware.py):
     one line per request, not two, on the hot path."""
-    g.log_fields = {"job_id": job["job_id"], "program": route.program, "model": route.model,
-                    "variant": route.variant, "status": job.get("status"), "outcome": outcome,
+    g.log_fields = {"job_id": job["job_id"], "program": plan.program, "model": plan.model,
+                    "variant": plan.variant, "status": job.get("status"), "outcome": outcome,
                     **more}  # fmt: skip
 
 
@@ -139,14 +156,14 @@ def get_prediction(job_id: str) -> tuple[Response, int] | Response:
         wait = -1.0
     limit = services().settings.max_wait_seconds
     if not 0 <= wait <= limit:
-        raise ValidationFailed(
+        raise RequestValidationError(
             f"wait must be a number of seconds from 0 to {limit:g}",
             details={"errors": [{"field": "wait", "message": "out of range"}]},
         )
     job = services().store.get(job_id)
     if job is None or not visible(job.get("tenant")):
         # Another tenant's job is indistinguishable from one that does not exist.
-        raise NotFound(f"no prediction with id {job_id!r}")
+        raise NotFoundError(f"no prediction with id {job_id!r}")
     resp, _ = _answer(job, wait)
     return resp, 200
 
@@ -159,15 +176,14 @@ def cancel_prediction(job_id: str) -> Response:
     svc = services()
     job = svc.store.get(job_id)
     if job is None or not visible(job.get("tenant")):
-        raise NotFound(f"no prediction with id {job_id!r}")
+        raise NotFoundError(f"no prediction with id {job_id!r}")
     outcome = cancel_job(svc.redis, svc.settings.job_ttl_seconds, job_id)
     if outcome == "missing":
-        raise NotFound(f"no prediction with id {job_id!r}")
+        raise NotFoundError(f"no prediction with id {job_id!r}")
     if outcome != "cancelled":
         # A running job is not interrupted (a thread cannot be, and its tokens are spent).
-        raise Conflict(
+        raise NotCancellableError(
             f"prediction {job_id!r} is {outcome} and can no longer be cancelled",
-            code="not_cancellable",
             details={"status": outcome},
         )
     log.info("job cancelled", extra={"job_id": job_id, "status": "cancelled"})

@@ -5,18 +5,20 @@ from __future__ import annotations
 import time
 
 import redis
-from flask import Blueprint, Response, current_app, jsonify, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, url_for
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api import metrics
-from api.errors import error_body
 from api.services import services
-from worker.breaker import read_states
-from worker.contract import QUEUES
-from worker.heartbeat import live_workers
+from dspy_fleet import __version__ as VERSION
+from dspy_fleet.broker.celery_config import CALLBACK_QUEUE
+from dspy_fleet.contract import QUEUES
+from dspy_fleet.errors import NotReadyError
+from dspy_fleet.store.breakers import read_states
+from dspy_fleet.store.heartbeats import live_workers
+from dspy_fleet.store.jobs import CALLBACKS_KEY
 
 bp = Blueprint("system", __name__)
-VERSION = "0.1.0"
 
 
 @bp.get("/")
@@ -47,7 +49,12 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> tuple[Response, int]:
-    """Readiness: a real Redis round-trip, live workers for every queue, config loaded."""
+    """Readiness: a real Redis round-trip, live workers for every queue, config loaded.
+    Informational (never failing): the breakers' states, and the webhooks due with the
+    number of live workers that deliver them (``callbacks``).
+
+    Public (probes call it): what fails is named, internal addresses are not, except
+    to a caller with an admin key."""
     svc = services()
     components: dict[str, dict[str, object]] = {
         "config": {"ok": True, "programs": len(svc.config.programs)}
@@ -64,6 +71,16 @@ def ready() -> tuple[Response, int]:
             "live": len(workers),
             "queues_without_workers": missing,
         }
+        # Informational, like the breakers: webhooks wait in Redis until a worker that
+        # consumes the callbacks queue delivers them; predictions do not need one.
+        consumers = sum(CALLBACK_QUEUE in w.get("queues", []) for w in workers)
+        due = int(svc.redis.zcard(CALLBACKS_KEY))
+        components["callbacks"] = {"ok": True, "workers": consumers, "due": due}
+        if due and not consumers:
+            components["callbacks"]["warning"] = (
+                f"{due} webhooks are due and no live worker consumes the "
+                f"{CALLBACK_QUEUE!r} queue: none is delivered until one does"
+            )
         # Informational: an open breaker is a provider's outage, not ours. The
         # service still answers (cache, fallbacks, fast failures), so it stays ready.
         components["breakers"] = {
@@ -71,17 +88,24 @@ def ready() -> tuple[Response, int]:
             "states": read_states(svc.redis, list(svc.config.models)),
         }
     except redis.RedisError as exc:
-        components["redis"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        components["redis"] = {"ok": False, "error": "redis unreachable"}
+        if _admin_key():
+            # redis-py's message names the internal host and port: for operators only.
+            components["redis"]["detail"] = f"{type(exc).__name__}: {exc}"
         components["workers"] = {"ok": False, "error": "unknown while Redis is unavailable"}
     failing = [name for name, c in components.items() if not c["ok"]]
     if failing:
-        body = error_body(
-            "not_ready",
+        raise NotReadyError(
             f"not ready: {', '.join(failing)} failing",
-            {"failing": failing, "components": components},
+            details={"failing": failing, "components": components},
         )
-        return jsonify(body), 503
     return jsonify({"status": "ready", "components": components}), 200
+
+
+def _admin_key() -> bool:
+    """Whether the caller presented an admin key. /ready is public, and in open mode
+    everyone counts as admin: neither may learn internal addresses from it."""
+    return bool(g.get("is_admin")) and not current_app.extensions["dspy_fleet_auth"].open
 
 
 @bp.get("/metrics")

@@ -20,8 +20,8 @@ os.environ.setdefault("DSPY_CACHEDIR", os.path.join(tempfile.gettempdir(), "benc
 import dspy  # noqa: E402
 from celery import Celery  # noqa: E402
 
-from worker.celery_config import celery_config  # noqa: E402
-from worker.settings import WorkerSettings, load_settings  # noqa: E402
+from dspy_fleet.broker.celery_config import celery_config  # noqa: E402
+from dspy_fleet.settings import WorkerSettings, load_settings  # noqa: E402
 
 dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
 dspy.configure(disable_history=True)
@@ -29,8 +29,8 @@ dspy.configure(disable_history=True)
 settings = load_settings(WorkerSettings)
 
 if os.environ.get("BENCH_BARE_KOMBU_PATCH") == "1":
-    # Like-for-like runs: the bare side gets our kombu fix too (worker/kombu_patch.py).
-    from worker import kombu_patch
+    # Like-for-like runs: the bare side gets our kombu fix too (dspy_fleet/broker/kombu_patch.py).
+    from dspy_fleet.broker import kombu_patch
 
     kombu_patch.install()
 app = Celery("bare", set_as_current=False)

@@ -15,26 +15,30 @@ import redis
 from celery import Celery
 from flask import Flask, Response, jsonify, request
 
-from worker.celery_config import celery_config
-from worker.settings import CommonSettings, load_settings
+from dspy_fleet.broker.celery_config import celery_config
+from dspy_fleet.settings import CommonSettings, load_settings
 
 RESULT_PREFIX = "celery-task-meta-"
 
 if os.environ.get("BENCH_BARE_KOMBU_PATCH") == "1":
-    # Like-for-like runs: the bare side gets our kombu fix too (worker/kombu_patch.py).
-    from worker import kombu_patch
+    # Like-for-like runs: the bare side gets our kombu fix too (dspy_fleet/broker/kombu_patch.py).
+    from dspy_fleet.broker import kombu_patch
 
     kombu_patch.install()
 
 
 def create_app() -> Flask:
-    """The bare app: /enqueue, /get and /wait."""
+    """The bare app: /enqueue, /get and /wait (and /health, for the stack's start-up)."""
     settings = load_settings(CommonSettings)
     celery = Celery("bare", set_as_current=False)
     celery.conf.update(celery_config(settings))
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     get_key = os.environ.get("BENCH_GET_KEY", "bench:cached")
     app = Flask(__name__)
+
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify({"status": "ok"})
 
     @app.post("/enqueue")
     def enqueue() -> tuple[Response, int]:

@@ -10,9 +10,10 @@ import redis
 from bench.context import Bench
 from bench.load import request_rate
 from bench.report import Figure, median, spread
-from worker.cache import l2_key
-from worker.catalog import CATALOG_KEY
-from worker.routing import cache_key
+from dspy_fleet.contract import DEFAULT_TENANT
+from dspy_fleet.routing import cache_key
+from dspy_fleet.store.cache import l2_key
+from dspy_fleet.store.catalog import CATALOG_KEY
 
 QUESTION = "What is the answer to the cached question?"
 BODY = {"input": QUESTION}
@@ -28,7 +29,9 @@ def seed(b: Bench) -> None:
     ours = redis.Redis.from_url(b.stack.ours_redis, decode_responses=True)
     qa = json.loads(ours.hget(CATALOG_KEY, "qa") or "{}")
     inputs = {qa["input_fields"][0]: QUESTION}
-    entry = ours.get(l2_key(cache_key("qa", qa["version"], "mock", inputs, {})))
+    # The bench's API runs open: every job is the default tenant's (qa is tenant-scoped).
+    key = cache_key("qa", qa["version"], "mock", inputs, {}, DEFAULT_TENANT)
+    entry = ours.get(l2_key(key))
     if entry is None:
         raise RuntimeError("(d) the L2 entry is not where the cache key says")
     redis.Redis.from_url(b.stack.bare_redis).set("bench:cached", entry)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,9 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import MockLLM, Service, start_api, start_worker
-from worker.dev.redis import RedisServer
-from worker.jobs import JobStore
+from dspy_fleet.settings import DEFAULT_CONFIG_FILE
+from dspy_fleet.store.jobs import JobStore
+from tests.conftest import TEST_ENV, MockLLM, OwnStack
 
 # Short enough that jobs of a killed worker come back within seconds.
 FAST_REDELIVERY = {
@@ -31,33 +30,26 @@ FAST_REDELIVERY = {
     # Lost-message recovery: sweep every beat, for jobs queued 5 s and nowhere in Redis.
     "DSPY_FLEET_HEARTBEAT_SECONDS": "1",
     "DSPY_FLEET_RECOVERY_AFTER_SECONDS": "5",
+    # A killed worker's jobs are taken over once their lease lapses.
+    "DSPY_FLEET_LEASE_SECONDS": "5",
 }
 
 
-@dataclass
-class ChaosStack:
-    """One Redis (AOF on), workers and an API, all owned by one test."""
+def chaos_config(path: Path, timeout: float = 9) -> Path:
+    """The default models and programs with model ``timeout`` (default 9 s: inside the
+    10 s soft time limit, as start-up requires); returns ``path``."""
+    text = DEFAULT_CONFIG_FILE.read_text(encoding="utf-8")
+    assert "timeout: 30" in text
+    path.write_text(text.replace("timeout: 30", f"timeout: {timeout:g}"), encoding="utf-8")
+    return path
 
-    dir: Path
-    mock: MockLLM
-    env: dict[str, str]
-    redis_server: RedisServer
-    api: Service | None = None
-    workers: list[Service] = field(default_factory=list)
 
-    def start_worker(self, **env: str) -> Service:
-        log = self.dir / f"worker-{len(self.workers)}.log"
-        svc = start_worker(self.redis_server.url, self.mock.url, log, **{**self.env, **env})
-        self.workers.append(svc)
-        return svc
-
-    def start_api(self) -> Service:
-        self.api = start_api(self.redis_server.url, self.mock.url, self.dir / "api.log", **self.env)
-        return self.api
+class ChaosStack(OwnStack):
+    """One Redis (AOF on), workers and an API, all owned by one test, plus its bookkeeping."""
 
     @property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_server.url, decode_responses=True)
+        return redis.Redis.from_url(self.redis_url, decode_responses=True)
 
     def statuses(self, ids: Iterable[str]) -> dict[str, str | None]:
         """Each job's status, one pipelined round-trip."""
@@ -68,15 +60,30 @@ class ChaosStack:
         return dict(zip(ids, pipe.execute(), strict=True))
 
     def wait_all(self, ids: list[str], timeout: float) -> dict[str, str | None]:
-        """Wait until every job ended; returns the final statuses (or what they were)."""
+        """Wait until every job ended; returns the final statuses (or what they were).
+        A job that ended is not read again: its status is terminal."""
         deadline = time.monotonic() + timeout
+        st: dict[str, str | None] = dict.fromkeys(ids)
+        left = list(ids)
         while True:
-            st = self.statuses(ids)
-            if all(s in ("succeeded", "failed", "cancelled") for s in st.values()):
-                return st
-            if time.monotonic() > deadline:
+            st.update(self.statuses(left))
+            left = [j for j in left if st[j] not in ("succeeded", "failed", "cancelled")]
+            if not left or time.monotonic() > deadline:
                 return st
             time.sleep(0.5)
+
+    def wait_succeeded(self, ids: list[str], count: float, timeout: float = 240) -> None:
+        """Wait until at least ``count`` of the jobs succeeded. Polled 4 times a second, and
+        only the jobs not yet seen succeeded (a terminal status): the fleet under test needs
+        the 2 cores more than this loop does."""
+        left = list(ids)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = [j for j, s in self.statuses(left).items() if s != "succeeded"]
+            if len(ids) - len(left) >= count:
+                return
+            assert time.monotonic() < deadline, f"{len(ids) - len(left)} < {count} succeeded"
+            time.sleep(0.25)
 
     def all_job_ids(self) -> list[str]:
         """Every job recorded in this Redis."""
@@ -90,17 +97,17 @@ class ChaosStack:
         assert self.api is not None
         return httpx.get(self.api.url + "/costs", timeout=10).json()["totals"]
 
-    def stop(self) -> None:
-        for svc in [*([self.api] if self.api else []), *self.workers]:
-            svc.child.stop()
-        self.redis_server.stop()
-
 
 @pytest.fixture
 def chaos(mock_llm: MockLLM, tmp_path: Path) -> Iterator[ChaosStack]:
+    """A stack of the test's own on the session's mock LLM; nothing started but Redis."""
     mock_llm.reset()
-    server = RedisServer(appendonly=True, log_path=tmp_path / "redis.log").start()
-    stack = ChaosStack(tmp_path, mock_llm, dict(FAST_REDELIVERY), server)
+    config = chaos_config(tmp_path / "chaos-fleet.yaml")
+    stack = ChaosStack(
+        tmp_path, env={**TEST_ENV, **FAST_REDELIVERY, "DSPY_FLEET_CONFIG": str(config)}
+    )
+    stack.use_mock_llm(mock_llm)
+    stack.start_redis(appendonly=True)
     yield stack
     stack.stop()
     mock_llm.reset()

@@ -14,6 +14,7 @@ CONFIG = """
 default_model: mock
 models:
   mock: {litellm_model: openai/mock-gpt, api_base: "${DSPY_FLEET_MOCK_LLM_URL}", max_retries: 1,
+         timeout: 3,
          input_price_per_1k: 0.001, output_price_per_1k: 0.002,
          breaker: {failure_threshold: 5, recovery_seconds: 3, half_open_max_calls: 2,
                    success_threshold: 2}}
@@ -24,10 +25,13 @@ programs:
 
 def test_500_requests_through_a_provider_outage(chaos: ChaosStack) -> None:
     (chaos.dir / "fleet.yaml").write_text(CONFIG)
+    # 16 clients hold waits at once: threads enough that the wait cap holds them all.
     chaos.env.update(DSPY_FLEET_CONFIG=str(chaos.dir / "fleet.yaml"),
-                     DSPY_FLEET_RETRY_BACKOFF_SECONDS="0.05")  # fmt: skip
-    chaos.start_worker()
-    api = chaos.start_api()
+                     DSPY_FLEET_RETRY_BACKOFF_SECONDS="0.05",
+                     DSPY_FLEET_API_THREADS="32")  # fmt: skip
+    with chaos.together():
+        chaos.start_worker()
+        api = chaos.start_api()
     chaos.mock.set_faults(error_rate=1.0, error_status=503)
     bodies = [{"input": f"outage {i}", "use_cache": False, "wait": 30} for i in range(500)]
     t0 = time.monotonic()

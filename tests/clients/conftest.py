@@ -3,37 +3,25 @@ queued for cancelling) and flood the queues, which must not disturb the session 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
 
-from tests.conftest import MockLLM, Service, start_api, start_worker
-from worker.dev.redis import RedisServer
-from worker.producer import Producer
+from dspy_fleet.broker.producer import Producer
+from dspy_fleet.settings import CommonSettings, load_settings
+from tests.conftest import TEST_ENV, MockLLM, OwnStack, Service
 
 # Small enough that the limit test stays cheap, large enough for the 500-item batch.
 MAX_BATCH_ITEMS = 600
 
 
-@dataclass
-class Fleet:
-    """Redis, a worker and the API of this package, plus helpers."""
+class Fleet(OwnStack):
+    """Redis, at most one worker and the API of this package, plus helpers."""
 
-    redis_server: RedisServer
-    mock: MockLLM
-    dir: Path
-    api: Service
     worker: Service | None = None
-
-    @property
-    def redis_url(self) -> str:
-        return self.redis_server.url
 
     def http(self, timeout: float = 60) -> httpx.Client:
         return httpx.Client(base_url=self.api.url, timeout=timeout)
@@ -42,18 +30,20 @@ class Fleet:
         return redis.Redis.from_url(self.redis_url, decode_responses=True)
 
     def producer(self) -> Producer:
-        return Producer(redis_url=self.redis_url)
+        """A direct producer whose jobs get the due sweep's first look after 1 s, like the
+        package API's."""
+        settings = load_settings(CommonSettings, redis_url=self.redis_url, recovery_after_seconds=1)
+        return Producer(settings=settings)
 
-    def start_worker(self, **env: str) -> Service:
+    def start_worker(self, name: str | None = None, **options: Any) -> Service:
+        """Replace the package's worker by a new one (with a log of its own)."""
         self.stop_worker()
-        self.worker = start_worker(
-            self.redis_url, self.mock.url, self.dir / f"worker-{uuid.uuid4().hex[:6]}.log", **env
-        )
+        self.worker = super().start_worker(name, **options)
         return self.worker
 
     def stop_worker(self) -> None:
         if self.worker is not None:
-            self.worker.child.stop()
+            self.stop(self.worker.name)
             self.worker = None
             # Forget its heartbeat, so that tests see no live worker at once.
             self.redis().delete("dspy_fleet:workers")
@@ -62,28 +52,22 @@ class Fleet:
         return self.worker or self.start_worker()
 
     def worker_logs(self) -> list[dict[str, Any]]:
-        lines: list[dict[str, Any]] = []
-        for svc in [self.worker] if self.worker else []:
-            lines += svc.log_lines()
-        return lines
+        return self.worker.log_lines() if self.worker else []
 
 
 @pytest.fixture(scope="package")
 def fleet(mock_llm: MockLLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """Private Redis and API (the worker is started by the tests that need one)."""
-    workdir = tmp_path_factory.mktemp("clients")
-    server = RedisServer(log_path=workdir / "redis.log").start()
-    api = start_api(
-        server.url,
-        mock_llm.url,
-        workdir / "api.log",
-        DSPY_FLEET_MAX_BATCH_ITEMS=str(MAX_BATCH_ITEMS),
+    stack = Fleet(tmp_path_factory.mktemp("clients"), env=TEST_ENV)
+    stack.use_mock_llm(mock_llm)
+    stack.start_redis()
+    # Jobs it accepts get their first look from the workers' due sweep after 1 s (the tests
+    # of lost publishes wait for it); a job still waiting in its queue is left there.
+    stack.start_api(
+        DSPY_FLEET_MAX_BATCH_ITEMS=str(MAX_BATCH_ITEMS), DSPY_FLEET_RECOVERY_AFTER_SECONDS="1"
     )
-    stack = Fleet(redis_server=server, mock=mock_llm, dir=workdir, api=api)
     yield stack
-    stack.stop_worker()
-    api.child.stop()
-    server.stop()
+    stack.stop()
 
 
 @pytest.fixture

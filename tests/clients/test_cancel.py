@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from dspy_fleet.broker.producer import Producer
 from tests.clients.conftest import Fleet
 from tests.conftest import poll
-from worker.producer import Producer
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from api import create_app
+from dspy_fleet.contract import PredictRequest
 from tests.clients.conftest import Fleet
-from worker.contract import PredictRequest
 
 
 def document(http: httpx.Client) -> dict[str, Any]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
+from dspy_fleet.contract import TERMINAL_STATUSES as TERMINAL
 from tests.clients.conftest import Fleet
-from worker.jobs import TERMINAL
 
 BACKLOG = 2000
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from api.client import (
+from dspy_fleet.client import (
     BadRequestError,
     FleetClient,
     FleetError,
     NotFoundError,
     TransportError,
 )
+from dspy_fleet.devtools.procs import free_port
 from tests.clients.conftest import Fleet
-from worker.dev.procs import free_port
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ def lines_of(path: Path) -> list[dict]:
 
 def submit(*args: str, **kwargs: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [PY, "-m", "worker.cli", "submit", *args],
+        [PY, "-m", "dspy_fleet.cli.main", "submit", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

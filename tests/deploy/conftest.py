@@ -92,6 +92,13 @@ EVERYTHING_ON = {
     "worker": {"autoscaling": {"enabled": True, "mode": "keda"}},
     "secrets": {"apiKeys": "k", "providerApiKeys": {"OPENAI_API_KEY": "sk-test"}},
     "commonAnnotations": {"team": "ml"},
+    # Prometheus and the Flower users are named: metrics ports and Flower accept no one otherwise.
+    "networkPolicy": {
+        "metricsFrom": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ],
+        "flowerFrom": [{"podSelector": {"matchLabels": {"role": "ops-console"}}}],
+    },
 }
 HPA_MODE = {"worker": {"autoscaling": {"enabled": True, "mode": "hpa"}}}
 

@@ -28,7 +28,14 @@ from tests.deploy.conftest import (
 )
 
 # Kinds kubernetes-validate has no schema for; our own checks below cover them.
-CRD_KINDS = {"ServiceMonitor", "ScaledObject"}
+CRD_KINDS = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
+
+MONITORING = ROOT / "monitoring"
+# The scrape jobs of monitoring/prometheus.yml: the names its alert rules match on `job`.
+PROMETHEUS_JOBS = {
+    job["job_name"]
+    for job in yaml.safe_load((MONITORING / "prometheus.yml").read_text())["scrape_configs"]
+}
 
 
 def test_default_values_render_a_working_trial(render: RenderFn) -> None:
@@ -133,6 +140,10 @@ def check_service_monitor(sm: Manifest, docs: list[Manifest]) -> None:
         assert ep["port"] in port_names, f"port {ep['port']!r} not in {port_names}"
         assert ep["path"] == "/metrics"
         assert re.fullmatch(r"\d+[sm]", ep["interval"])
+    # The Prometheus Operator names the job after the Service unless jobLabel names one of
+    # its labels: the alert rules' `job` matchers would then match nothing.
+    job = services[0]["metadata"]["labels"].get(spec.get("jobLabel", ""))
+    assert job in PROMETHEUS_JOBS, f"{sm['metadata']['name']}: job {job!r}"
 
 
 def check_scaled_object(so: Manifest, docs: list[Manifest]) -> None:
@@ -162,9 +173,34 @@ def check_scaled_object(so: Manifest, docs: list[Manifest]) -> None:
         assert meta["listLength"].isdigit() and int(meta["listLength"]) > 0
         watched.add(meta["listName"])
     assert watched == queues
+    # The in-chart Redis requires a password: KEDA must authenticate with a rendered one.
+    in_chart = {
+        s["metadata"]["name"]
+        for s in by_kind(docs, "Service")
+        if s["metadata"]["labels"]["app.kubernetes.io/component"] == "redis"
+    }
+    auth_names = {t["metadata"]["name"] for t in by_kind(docs, "TriggerAuthentication")}
+    for trig in spec["triggers"]:
+        if trig["metadata"]["address"].split(":")[0] in in_chart:
+            assert trig.get("authenticationRef", {}).get("name") in auth_names, trig
 
 
-CRD_CHECKS = {"ServiceMonitor": check_service_monitor, "ScaledObject": check_scaled_object}
+def check_trigger_authentication(ta: Manifest, docs: list[Manifest]) -> None:
+    """A KEDA TriggerAuthentication reads a password key the rendered Secret has."""
+    assert ta["apiVersion"] == "keda.sh/v1alpha1"
+    secrets = {s["metadata"]["name"]: s for s in by_kind(docs, "Secret")}
+    refs = ta["spec"]["secretTargetRef"]
+    assert refs
+    for ref in refs:
+        assert ref["parameter"] == "password"
+        assert ref["key"] in secrets[ref["name"]]["data"], ref
+
+
+CRD_CHECKS = {
+    "ServiceMonitor": check_service_monitor,
+    "ScaledObject": check_scaled_object,
+    "TriggerAuthentication": check_trigger_authentication,
+}
 
 
 def test_crds_have_what_their_operators_need(release: Any) -> None:
@@ -176,16 +212,38 @@ def test_crds_have_what_their_operators_need(release: Any) -> None:
     if name == "everything-on":
         assert len(seen["ServiceMonitor"]) == 4  # api, worker, celery-exporter, flower
         assert len(seen["ScaledObject"]) == 1
+        assert len(seen["TriggerAuthentication"]) == 1  # for the in-chart Redis's password
     if name == "hpa-mode":
         assert seen["ScaledObject"] == []
         hpa = component(docs, "HorizontalPodAutoscaler", "worker")
         assert {m["type"] for m in hpa["spec"]["metrics"]} == {"External"}
 
 
+def test_every_job_the_alert_rules_match_is_scraped_by_the_chart(render: RenderFn) -> None:
+    """Each `job` an alert rule names is a scrape job of monitoring/prometheus.yml and the
+    job label of one of the chart's ServiceMonitors (all four components on)."""
+    from tests.deploy.conftest import EVERYTHING_ON
+
+    rules = (MONITORING / "alerts" / "dspy-fleet.rules.yml").read_text()
+    matched: set[str] = set()
+    for op, value in re.findall(r'job(=~?)"([^"]+)"', rules):
+        matched |= set(value.split("|")) if op == "=~" else {value}
+    assert matched, "the rules match no job at all: the regex above is stale"
+    docs = render(EVERYTHING_ON)
+    labelled = {s["metadata"]["labels"].get("dspy-fleet.io/metrics-job")
+                for s in by_kind(docs, "Service")}  # fmt: skip
+    assert {sm["spec"]["jobLabel"] for sm in by_kind(docs, "ServiceMonitor")} == {
+        "dspy-fleet.io/metrics-job"
+    }
+    assert matched <= PROMETHEUS_JOBS, matched - PROMETHEUS_JOBS
+    assert matched <= labelled, matched - labelled
+
+
 @pytest.mark.parametrize(
     ("kind", "breakage"),
     [
         ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(port="nope")),
+        ("ServiceMonitor", lambda d: d["spec"].pop("jobLabel")),
         (
             "ServiceMonitor",
             lambda d: d["spec"]["selector"]["matchLabels"].pop("app.kubernetes.io/component"),
@@ -193,6 +251,8 @@ def test_crds_have_what_their_operators_need(release: Any) -> None:
         ("ScaledObject", lambda d: d["spec"]["scaleTargetRef"].update(name="missing")),
         ("ScaledObject", lambda d: d["spec"]["triggers"][0]["metadata"].update(listLength=50)),
         ("ScaledObject", lambda d: d["spec"]["triggers"].pop()),
+        ("ScaledObject", lambda d: d["spec"]["triggers"][0].pop("authenticationRef")),
+        ("TriggerAuthentication", lambda d: d["spec"]["secretTargetRef"][0].update(key="nope")),
     ],
 )
 def test_crd_checks_catch_broken_manifests(render: RenderFn, kind: str, breakage: Any) -> None:
@@ -242,6 +302,8 @@ def test_crd_checks_catch_broken_manifests(render: RenderFn, kind: str, breakage
             "invalid propertyName 'openai-key'",
         ),
         ({"fleetConfig": {"models": None}}, "/fleetConfig"),
+        ({"fleetConfig": {"tenants": {"team-a": {"usd_per_month": -1}}}}, "/fleetConfig/tenants"),
+        ({"fleetConfig": {"tenants": {"team-a": {"usd_a_month": 1}}}}, "/fleetConfig/tenants"),
         ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ],
@@ -276,6 +338,8 @@ def test_safe_production_values_render(render: RenderFn) -> None:
         ({"flower": {"enabled": True}}, "flower.basicAuthSecret"),
         ({"secrets": {"redisUrl": ""}}, "redis.enabled=false needs secrets.redisUrl"),
         ({"timeLimit": 100}, "timeLimit must be greater than softTimeLimit"),
+        ({"networkPolicy": {"enabled": False}}, "networkPolicy.acknowledgeDisabled=true"),
+        ({"serviceMonitor": {"enabled": True}}, "needs networkPolicy.metricsFrom"),
         ({"api": {"resources": {"requests": {"cpu": None}}}}, "needs api.resources.requests.cpu"),
         (
             {"api": {"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}},
@@ -304,6 +368,11 @@ def test_validate_values_refuses_unsafe_combinations(
         )
     assert "VALUES VALIDATION" in str(exc.value)
     assert message in str(exc.value)
+
+
+def test_network_policies_off_in_production_only_when_acknowledged(render: RenderFn) -> None:
+    values = deep_merge(PROD_OK, {"networkPolicy": {"enabled": False, "acknowledgeDisabled": True}})
+    assert by_kind(render(values), "NetworkPolicy") == []
 
 
 def test_existing_secret_counts_as_api_keys(render: RenderFn) -> None:
@@ -338,6 +407,20 @@ def test_config_change_rolls_api_and_worker_pods(render: RenderFn) -> None:
     assert checksums(render({"api": {"threads": 8}})) == before
     # ...and the checksum is the ConfigMap's: same config, same checksum.
     assert checksums(render({"fleetConfig": config})) == after
+
+
+def test_tenant_quotas_reach_the_config_the_pods_load(render: RenderFn, tmp_path: Any) -> None:
+    """fleetConfig.tenants is rendered into the ConfigMap and loads as the fleet's quotas."""
+    from dspy_fleet.fleet_config import load_fleet_config
+
+    tenants = {"team-a": {"requests_per_day": 1000, "tokens_per_day": 2000000,
+                          "usd_per_month": 0.5}}  # fmt: skip
+    config = copy.deepcopy(yaml.safe_load((CHART_DIR / "values.yaml").read_text())["fleetConfig"])
+    docs = render({"fleetConfig": {**config, "tenants": tenants}})
+    rendered = by_kind(docs, "ConfigMap")[0]["data"]["fleet.yaml"]
+    (tmp_path / "fleet.yaml").write_text(rendered)
+    loaded = load_fleet_config(tmp_path / "fleet.yaml")
+    assert loaded.tenants["team-a"].model_dump() == tenants["team-a"]
 
 
 @pytest.mark.parametrize(("soft", "margin"), [(30, 15), (0, 5), (300, 30)])

@@ -12,9 +12,9 @@ import click
 import pytest
 import yaml
 
+from dspy_fleet.cli.main import main as cli
 from tests.deploy.conftest import ROOT, tool
 from tests.deploy.test_pods import KNOWN_ENV
-from worker.cli import main as cli
 
 COMPOSE = ROOT / "docker-compose.yml"
 
@@ -169,6 +169,8 @@ def test_environment_names_are_real_settings(services: dict[str, Any]) -> None:
 
 def test_containers_listen_where_they_are_reached(services: dict[str, Any]) -> None:
     assert services["api"]["environment"]["DSPY_FLEET_API_HOST"] == "0.0.0.0"
+    # Prometheus scrapes worker:9101 from its container; the setting's default is loopback.
+    assert services["worker"]["environment"]["DSPY_FLEET_METRICS_HOST"] == "0.0.0.0"
     mock_url = urlparse(services["worker"]["environment"]["DSPY_FLEET_MOCK_LLM_URL"])
     assert mock_url.hostname == "mock-llm"
     mock_cmd = services["mock-llm"]["command"]

@@ -71,6 +71,10 @@ def test_image_runtime_is_non_root_healthy_and_stops_gracefully(name: str, port:
     assert 'CMD ["python", "-c"' in health and "urllib.request" in health and "/health" in health
     assert f"'{port}'" in health
     assert words["EXPOSE"] == port
+    # The server behind EXPOSE must listen beyond loopback (both default to 127.0.0.1).
+    host_var = {"api": "DSPY_FLEET_API_HOST", "worker": "DSPY_FLEET_METRICS_HOST"}[name]
+    envs = " ".join(arg for word, arg in stage if word == "ENV")
+    assert f"{host_var}=0.0.0.0" in envs
     # The runtime stage copies only the built venv, never the build context.
     copies = [arg for word, arg in stage if word in ("COPY", "ADD")]
     assert copies == ["--from=build /opt/venv /opt/venv"]

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from api.settings import ApiSettings
+from dspy_fleet.settings import WorkerSettings
 from tests.deploy.conftest import Manifest, RenderFn, by_kind, component, pod_specs
-from worker.settings import WorkerSettings
 
 # DSPY_FLEET_* names the processes read, plus the ones read elsewhere: the config
 # file's ${DSPY_FLEET_MOCK_LLM_URL}, and the API keys the auth issue will consume.
@@ -115,6 +115,7 @@ def test_worker_liveness_is_health_on_the_metrics_port(release: Any) -> None:
     env = {e["name"]: e.get("value") for e in worker["env"]}
     port = next(p for p in worker["ports"] if p["name"] == "metrics")["containerPort"]
     assert str(port) == env["DSPY_FLEET_METRICS_PORT"]
+    assert env["DSPY_FLEET_METRICS_HOST"] == "0.0.0.0"  # the default 127.0.0.1 is unreachable
     assert worker["args"] == ["dspy-fleet", "worker"]
 
 

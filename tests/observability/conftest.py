@@ -9,7 +9,6 @@ import itertools
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import PY, MockLLM, Service
-from worker.celery_config import make_celery
-from worker.contract import TASK_NAME
-from worker.dev.procs import Child, free_port, http_ok, wait_until
-from worker.dev.redis import RedisServer
-from worker.settings import CommonSettings
+from dspy_fleet.broker.celery_config import make_celery
+from dspy_fleet.contract import TASK_NAME
+from dspy_fleet.devtools.procs import child_pids, free_port
+from dspy_fleet.devtools.redis import RedisServer
+from dspy_fleet.devtools.services import cli
+from dspy_fleet.devtools.stack import Stack
+from dspy_fleet.settings import CommonSettings
+from tests.conftest import MockLLM, Service
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPORTER_PYTHON = ROOT / ".venv-exporter" / "bin" / "python"
@@ -112,36 +113,37 @@ def send_jobs(broker_url: str, count: int, *, queue: str = "interactive") -> lis
 class Tool:
     """A started operator tool (Flower, celery-exporter)."""
 
-    child: Child
-    url: str
-    log_path: Path
+    service: Service
+
+    @property
+    def url(self) -> str:
+        return self.service.url
 
     def log(self) -> str:
         """Its output so far (for assertion messages)."""
-        return self.log_path.read_text(errors="replace")[-3000:]
+        return self.service.log_path.read_text(errors="replace")[-3000:]
 
 
-@pytest.fixture(scope="session")
-def flower(redis_server: RedisServer, mock_llm: MockLLM, logs_dir: Path) -> Iterator[Tool]:
-    """`dspy-fleet flower` with basic auth, watching the session's broker."""
+def start_flower(stack: Stack, redis_url: str, mock_url: str) -> Tool:
+    """`dspy-fleet flower` with basic auth, watching ``redis_url``'s broker, in ``stack``."""
     port = free_port()
     user, password = FLOWER_AUTH
     env = {
-        "DSPY_FLEET_REDIS_URL": redis_server.url,
-        "DSPY_FLEET_MOCK_LLM_URL": mock_llm.url,
+        "DSPY_FLEET_REDIS_URL": redis_url,
+        "DSPY_FLEET_MOCK_LLM_URL": mock_url,
         "DSPY_FLEET_FLOWER_BASIC_AUTH": f"{user}:{password}",
     }
-    log_path = logs_dir / "flower.log"
-    child = Child(
-        "flower",
-        [PY, "-m", "worker.cli", "flower", "--port", str(port)],
-        env=env,
-        log_path=log_path,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until(http_ok(url + "/healthcheck"), 60, "Flower", child.proc)
-    yield Tool(child=child, url=url, log_path=log_path)
-    child.stop()
+    svc = stack.start_process(
+        "flower", cli("flower", "--port", str(port)), url=f"http://127.0.0.1:{port}",
+        health_path="/healthcheck", env=env,
+    )  # fmt: skip
+    return Tool(svc)
+
+
+@pytest.fixture(scope="session")
+def flower(session_stack: Stack, redis_server: RedisServer, mock_llm: MockLLM) -> Tool:
+    """`dspy-fleet flower` with basic auth, watching the session's broker."""
+    return start_flower(session_stack, redis_server.url, mock_llm.url)
 
 
 def basic_auth_header(user: str, password: str) -> dict[str, str]:
@@ -150,45 +152,38 @@ def basic_auth_header(user: str, password: str) -> dict[str, str]:
     return {"Authorization": f"Basic {token}"}
 
 
-@pytest.fixture(scope="session")
-def celery_exporter(
-    exporter_python: str, redis_server: RedisServer, logs_dir: Path
-) -> Iterator[Tool]:
-    """Dani Hodovic's celery-exporter from .venv-exporter, watching the session's broker."""
+def start_celery_exporter(stack: Stack, python: str, broker_url: str) -> Tool:
+    """Dani Hodovic's celery-exporter run by ``python`` (.venv-exporter's), watching
+    ``broker_url``, in ``stack``."""
     port = free_port()
-    log_path = logs_dir / "celery-exporter.log"
     argv = [
-        exporter_python,
+        python,
         "-c",
         "from src.cli import cli; cli()",
-        f"--broker-url={redis_server.url}",
+        f"--broker-url={broker_url}",
         "--host=127.0.0.1",  # it listens on 0.0.0.0 otherwise
         f"--port={port}",
         # Without this its celery_queue_length waits until a worker reports the queue.
         "--queues=interactive,batch",
     ]
     # Its own venv only: none of our packages on its path.
-    env = {"PYTHONPATH": "", "VIRTUAL_ENV": str(Path(exporter_python).parents[1])}
-    child = Child("celery-exporter", argv, env=env, log_path=log_path, cwd=Path("/"))
-    url = f"http://127.0.0.1:{port}"
-    wait_until(http_ok(url + "/health"), 60, "celery-exporter", child.proc)
-    yield Tool(child=child, url=url, log_path=log_path)
-    child.stop()
+    env = {"PYTHONPATH": "", "VIRTUAL_ENV": str(Path(python).parents[1])}
+    svc = stack.start_process(
+        "celery-exporter", argv, url=f"http://127.0.0.1:{port}", env=env, cwd=Path("/")
+    )
+    return Tool(svc)
 
 
-def children_of(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (prefork pool children, gunicorn workers)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
+@pytest.fixture(scope="session")
+def celery_exporter(exporter_python: str, session_stack: Stack, redis_server: RedisServer) -> Tool:
+    """Dani Hodovic's celery-exporter from .venv-exporter, watching the session's broker."""
+    return start_celery_exporter(session_stack, exporter_python, redis_server.url)
+
+
+# Pids whose parent is a given pid (prefork pool children, gunicorn workers).
+children_of = child_pids
 
 
 def worker_metrics_url(worker: Service) -> str:
-    """Where a worker started by start_worker serves its metrics."""
-    return f"http://127.0.0.1:{worker.env['DSPY_FLEET_METRICS_PORT']}"
+    """Where a worker serves its metrics (and /health)."""
+    return worker.metrics_url.removesuffix("/metrics")

@@ -16,11 +16,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from dspy_fleet.devtools.procs import http_ok, wait_until
+from dspy_fleet.devtools.redis import RedisServer
+from dspy_fleet.store.breakers import PREFIX
+from dspy_fleet.store.pacing import PREFIX as PACE_PREFIX
+from dspy_fleet.store.pacing import Limits, Pacer, Scope
 from tests.conftest import MockLLM, Service, poll, start_api
 from tests.observability.conftest import children_of, isolated_redis_url, scrape, total
-from worker.dev.procs import http_ok, wait_until
-from worker.dev.redis import RedisServer
 
 REQUESTS = 300
 
@@ -117,3 +121,57 @@ def test_queue_length_is_sampled_from_the_broker(api_alone: Api) -> None:
         assert total(samples, "dspy_queue_length", queue="interactive") == 1
     assert total(samples, "dspy_jobs_enqueued_total", queue="batch") == 3
     assert total(samples, "dspy_jobs_enqueued_total", queue="interactive") == 1
+
+
+def test_breaker_state_is_read_from_the_fleets_redis_at_scrape_time(api_alone: Api) -> None:
+    """The API is the one exporter of dspy_circuit_breaker_state: it reads the shared state
+    in Redis at each scrape, for every configured model, whether anyone called it or not."""
+    client = redis.Redis.from_url(api_alone.service.env["DSPY_FLEET_REDIS_URL"])
+    url = api_alone.service.url + "/metrics"
+
+    def states() -> dict[str, float]:
+        return {
+            labels["model"]: value
+            for name, labels, value in scrape(url)
+            if name == "dspy_circuit_breaker_state"
+        }
+
+    try:
+        # Never used: closed, for both models of the default config.
+        assert states() == {"mock": 0, "gpt-4o-mini": 0}
+        (now, _) = client.time()
+        # What a worker's record script writes when a breaker opens (store/breakers.py).
+        client.hset(PREFIX + "mock", mapping={"state": "open", "opened_at": now,
+                                              "recovers_at": now + 300})  # fmt: skip
+        # Several scrapes, answered by either gunicorn worker, all see it at once.
+        assert [states()["mock"] for _ in range(4)] == [1, 1, 1, 1]
+        assert states()["gpt-4o-mini"] == 0
+        # Its recovery window passed with no traffic: half-open, no call needed to show it.
+        client.hset(PREFIX + "mock", "recovers_at", now - 1)
+        assert states()["mock"] == 2
+        client.hset(PREFIX + "mock", "state", "closed")
+        assert states()["mock"] == 0
+    finally:
+        client.delete(PREFIX + "mock")
+
+
+def test_effective_rate_is_read_from_the_pacers_state_at_scrape_time(api_alone: Api) -> None:
+    """dspy_rate_limit_effective_rpm: no sample while a model is unlimited (the default
+    config configures no rpm); once a 429 taught the pacer a rate (what a worker's cut
+    writes to Redis), every scrape shows it, growing back without traffic."""
+    url = api_alone.service.url + "/metrics"
+    client = redis.Redis.from_url(api_alone.service.env["DSPY_FLEET_REDIS_URL"])
+    pacer = Pacer(client, {"mock": [Scope("model:mock", Limits())]})
+
+    def rates(name: str) -> dict[str, float]:
+        return {labels["model"]: value for n, labels, value in scrape(url) if n == name}
+
+    try:
+        assert rates("dspy_rate_limit_effective_rpm") == {}
+        cut = pacer.cut("mock", retry_after=None)[0]
+        assert cut.cut and cut.rpm > 0
+        first = rates("dspy_rate_limit_effective_rpm")
+        assert set(first) == {"mock"} and first["mock"] >= cut.rpm
+        assert rates("dspy_rate_limit_configured_rpm") == {}  # learned, not configured
+    finally:
+        client.delete(*client.keys(PACE_PREFIX + "model:mock*"))

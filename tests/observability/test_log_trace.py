@@ -7,8 +7,8 @@ import uuid
 
 import httpx
 
+from dspy_fleet.logs import CONTEXT_FIELDS
 from tests.conftest import Service, poll
-from worker.logs import CONTEXT_FIELDS
 
 FIELDS = {"timestamp", "level", "logger", "message", *CONTEXT_FIELDS}
 

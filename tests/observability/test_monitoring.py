@@ -14,12 +14,12 @@ import httpx
 import pytest
 import yaml
 
+from dspy_fleet.broker.celery_config import make_celery
+from dspy_fleet.contract import TASK_NAME
+from dspy_fleet.devtools.redis import RedisServer
+from dspy_fleet.settings import CommonSettings
 from tests.conftest import Service, poll
 from tests.observability.conftest import ROOT, Tool, scrape, worker_metrics_url
-from worker.celery_config import make_celery
-from worker.contract import TASK_NAME
-from worker.dev.redis import RedisServer
-from worker.settings import CommonSettings
 
 MONITORING = ROOT / "monitoring"
 RULES = sorted((MONITORING / "alerts").glob("*.rules.yml"))
@@ -51,6 +51,38 @@ SPEC_FAMILIES = {
     "dspy_jobs_enqueued_total",
     "dspy_queue_length",
 }
+# Panels whose series exist only once something happened (a prediction, a cache lookup, a
+# job enqueued, a Celery task): right after start-up they show their "no data" text
+# (fieldConfig.defaults.noValue), and say so in their description. Every other panel has a
+# value even then; under traffic all have (test_live_prometheus.py checks both).
+IDLE_NO_DATA = {2, 3, 4, 5, 6, 9, 10, 11, 12, 13, 17, 23, 24, 27, 28}
+# Series Prometheus makes itself (not exported by any process of the stack).
+PROMETHEUS_SERIES = {"up"}
+# Series that exist only once pacing has something to show: the gauges for a model with a
+# rate limit (configured, or learned from a 429), the counter once a job was throttled. The
+# default config limits no model, so the stack below has none of them.
+# test_api_metrics.py checks the API exports the gauges and test_live_prometheus.py (whose
+# config sets an rpm) the rate panel under traffic; the throttled panel falls back to 0
+# per model served. No test scrapes the workers' counter (worker/metrics.py) yet.
+PACING_SERIES = {
+    "dspy_rate_limit_effective_rpm",
+    "dspy_rate_limit_configured_rpm",
+    "dspy_rate_limit_throttled_total",
+}
+# Units a panel may use, and what its title says it shows.
+UNITS_BY_TITLE = [
+    ("ratio", {"percentunit"}),
+    ("USD", {"currencyUSD"}),
+    ("latency", {"s"}),
+    ("runtime", {"s"}),
+    ("per second", {"reqps", "ops", "short"}),
+]
+UNITS = {"percentunit", "currencyUSD", "s", "reqps", "ops", "short"}
+REPO_URL = "https://github.com/example/dspy-fleet"  # helm/dspy-fleet/Chart.yaml's home
+# An alert's dashboard_url: a Grafana path, one panel, the alert's model when it has one.
+DASHBOARD_URL = re.compile(
+    r"/d/([\w-]+)/[\w-]+\?viewPanel=(\d+)(&var-model=\{\{ \$labels\.model \}\})?"
+)
 # What Grafana substitutes before a query reaches Prometheus.
 GRAFANA_VARIABLES = {
     "$__rate_interval": "1m",
@@ -84,6 +116,25 @@ def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(panel)
         out.extend(panel.get("panels", []))  # collapsed rows nest their panels
     return out
+
+
+def legend_labels(legend: str) -> set[str]:
+    """The labels a Grafana legend format names ("{{model}} {{type}}" -> {model, type})."""
+    return set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
+
+
+def kept_labels(expr: str) -> set[str] | None:
+    """The labels an aggregated expression keeps (every ``by (...)`` clause); None when it
+    does not aggregate (it keeps the series' own labels)."""
+    clauses = re.findall(r"\bby\s*\(([^)]*)\)", expr)
+    if not clauses:
+        return None
+    return {label.strip() for clause in clauses for label in clause.split(",") if label.strip()}
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def _queries() -> list[tuple[str, str]]:
@@ -165,6 +216,26 @@ def test_every_alert_is_documented_and_unit_tested() -> None:
         assert name in fired, f"{name} has no promtool test where it fires"
 
 
+def test_every_alert_links_its_runbook_section_and_dashboard_panel() -> None:
+    readme = (MONITORING / "README.md").read_text()
+    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", readme, re.M)}
+    dashboards = {
+        (d := json.loads(p.read_text()))["uid"]: {panel["id"] for panel in _panels(d)}
+        for p in DASHBOARDS
+    }
+    for alert in _alerts():
+        name, notes = alert["alert"], alert["annotations"]
+        base, _, anchor = notes["runbook_url"].partition("#")
+        assert base == f"{REPO_URL}/blob/main/monitoring/README.md", name
+        assert anchor == name.lower() and anchor in anchors, f"{name}: no section {anchor}"
+        match = DASHBOARD_URL.fullmatch(notes["dashboard_url"])
+        assert match, f"{name}: {notes['dashboard_url']}"
+        uid, panel = match.group(1), int(match.group(2))
+        assert panel in dashboards.get(uid, set()), f"{name}: no panel {panel} in {uid}"
+        if match.group(3):  # the model variable only for alerts that carry a model
+            assert "by (model)" in alert["expr"], name
+
+
 def test_every_dashboard_query_is_valid_promql(promtool: str, tmp_path: Path) -> None:
     queries = _queries()
     assert queries
@@ -195,6 +266,29 @@ def test_dashboards_have_unique_ids_and_cover_every_family() -> None:
     assert "by (model)" in cost and "dspy_prediction_cost_total" in cost and "3600" in cost
     depth = " ".join(t["expr"] for t in by_title["Queue depth"]["targets"])
     assert "dspy_queue_length" in depth and "celery_queue_length" in depth
+
+
+def test_every_panel_has_a_unit_legends_and_says_what_no_data_means() -> None:
+    for path in DASHBOARDS:
+        for panel in _panels(json.loads(path.read_text())):
+            if panel["type"] == "row":
+                continue
+            where = f"{path.name} panel {panel['id']} {panel['title']!r}"
+            defaults = panel["fieldConfig"]["defaults"]
+            unit = defaults.get("unit")
+            assert unit in UNITS, f"{where}: unit {unit!r}"
+            for word, units in UNITS_BY_TITLE:
+                if re.search(rf"\b{word}\b", panel["title"], re.I):
+                    assert unit in units, f"{where}: {unit} for a {word} panel"
+            for target in panel["targets"]:
+                legend = target.get("legendFormat", "")
+                assert legend.strip(), f"{where} {target['refId']}: no legend"
+                kept = kept_labels(target["expr"])
+                if kept is not None:
+                    assert legend_labels(legend) <= kept, f"{where}: legend {legend!r}"
+            if panel["id"] in IDLE_NO_DATA:
+                assert defaults.get("noValue"), f"{where}: may be empty, says nothing then"
+                assert "No data:" in panel["description"], where
 
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboards() -> None:
@@ -253,6 +347,51 @@ def test_every_metric_a_panel_uses_is_exported_by_the_stack(stack_samples: set[s
         name: where
         for where, expr in _queries()
         for name in metric_names(expr)
-        if name not in stack_samples
+        if name not in stack_samples and name not in PROMETHEUS_SERIES | PACING_SERIES
     }
     assert not missing, f"panels query metrics nobody exports: {missing}"
+
+
+# Which kind of process exports which dspy_* family (README, Metrics): each family comes
+# from one kind only, so no panel shows a second, always-idle instance of it.
+API_FAMILIES = {
+    "dspy_api_requests_total",
+    "dspy_api_request_duration_seconds",
+    "dspy_jobs_enqueued_total",
+    "dspy_queue_length",
+    "dspy_circuit_breaker_state",
+    "dspy_cache_operations_total",  # the API's own L2 lookups (submit fast path)
+    "dspy_api_limited_total",  # fair-share limits (api/limits.py, api/rate_limit.py)
+    "dspy_api_waits_held",  # held `wait` requests (api/limits.py)
+    "dspy_api_wait_wakeups_total",  # what woke them (api/waiter.py)
+    "dspy_rate_limit_effective_rpm",  # the pacer's state in Redis, read at scrape time
+    "dspy_rate_limit_configured_rpm",
+}
+WORKER_FAMILIES = {
+    "dspy_predictions_total",
+    "dspy_prediction_duration_seconds",
+    "dspy_cache_operations_total",
+    "dspy_prediction_cost_total",
+    "dspy_token_usage_total",
+    "dspy_active_predictions",
+    "dspy_errors_total",
+}
+
+
+def _families(url: str) -> set[str]:
+    text = httpx.get(url, timeout=10).text
+    return {name for name in re.findall(r"^# TYPE (\S+) ", text, re.M) if name.startswith("dspy_")}
+
+
+def test_each_family_comes_from_one_kind_of_process(
+    stack_samples: set[str], api: Service, worker: Service, flower: Tool
+) -> None:
+    api_families = _families(api.url + "/metrics")
+    worker_families = _families(worker_metrics_url(worker) + "/metrics")
+    # Flower imports the task modules (hence the worker's metrics module): none of it shows.
+    assert _families(flower.url + "/metrics") == set()
+    assert api_families <= API_FAMILIES, api_families - API_FAMILIES
+    assert worker_families <= WORKER_FAMILIES, worker_families - WORKER_FAMILIES
+    # The fleet's state (breakers, queues) from the API alone; work in flight from workers.
+    assert {"dspy_circuit_breaker_state", "dspy_queue_length"} <= api_families
+    assert {"dspy_active_predictions", "dspy_predictions_total"} <= worker_families

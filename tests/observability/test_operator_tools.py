@@ -8,6 +8,7 @@ import uuid
 
 import httpx
 
+from dspy_fleet.contract import TASK_NAME
 from tests.conftest import PY, Service, poll
 from tests.observability.conftest import (
     FLOWER_AUTH,
@@ -16,7 +17,6 @@ from tests.observability.conftest import (
     scrape,
     total,
 )
-from worker.contract import TASK_NAME
 
 
 def _workers_online(flower: Tool) -> float:
@@ -83,7 +83,7 @@ def test_flower_refuses_to_run_open_in_production() -> None:
         k: v for k, v in os.environ.items() if not k.startswith(("FLOWER_", "DSPY_FLEET_FLOWER"))
     }
     result = subprocess.run(
-        [PY, "-m", "worker.cli", "flower", "--port", "1"],
+        [PY, "-m", "dspy_fleet.cli.main", "flower", "--port", "1"],
         env={**env, "DSPY_FLEET_ENV": "production"},
         capture_output=True,
         text=True,

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
+from dspy_fleet.devtools.redis import RedisServer
 from tests.conftest import MockLLM, Service, poll, start_worker
 from tests.observability.conftest import (
     children_of,
@@ -28,7 +29,6 @@ from tests.observability.conftest import (
     total,
     worker_metrics_url,
 )
-from worker.dev.redis import RedisServer
 
 JOBS = 100
 
@@ -79,6 +79,9 @@ def _start_fleet(
         DSPY_FLEET_POOL=pool,
         DSPY_FLEET_CONCURRENCY=str(concurrency),
         DSPY_FLEET_SOFT_SHUTDOWN_TIMEOUT="1",  # quick teardown
+        # A killed child's job is taken over when its lease lapses (its message, handed back
+        # at once by reject_on_worker_lost, finds the lease live and leaves the job to it).
+        DSPY_FLEET_LEASE_SECONDS="3",
         # An operator-given directory (as in a container with a read-only root FS).
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
     )
@@ -176,3 +179,45 @@ def test_a_killed_child_no_longer_counts_as_active(prefork_fleet: Fleet, mock_ll
         result.get(timeout=60)
     time.sleep(0.2)
     assert total(scrape(prefork_fleet.metrics), "dspy_active_predictions") == 0
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses something listens on at ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise(
+    threads_fleet: Fleet, redis_server: RedisServer, mock_llm: MockLLM, tmp_path: Path
+) -> None:
+    # Like the API and Flower: nothing but this host reaches it by default.
+    port = int(threads_fleet.worker.env["DSPY_FLEET_METRICS_PORT"])
+    assert _listening_addresses(port) == {"127.0.0.1"}
+    # The image and the chart set 0.0.0.0 so Prometheus and the kubelet reach it.
+    everywhere = start_worker(redis_server.url, mock_llm.url, tmp_path / "worker.log",
+                              DSPY_FLEET_METRICS_HOST="0.0.0.0")  # fmt: skip
+    try:
+        port = int(everywhere.env["DSPY_FLEET_METRICS_PORT"])
+        assert poll(lambda: _listening_addresses(port), timeout=30) == {"0.0.0.0"}
+    finally:
+        everywhere.child.stop()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_start_up_logs_no_error_and_counts_every_process(
+    pool: str, request: pytest.FixtureRequest
+) -> None:
+    # Celery's CLI imports prometheus_client (through Flower's plugin) before any of our
+    # code runs; the worker must still end up in multiprocess mode, and say nothing alarming.
+    fleet: Fleet = request.getfixturevalue(f"{pool}_fleet")
+    lines = fleet.worker.log_lines()
+    ready = next(i for i, line in enumerate(lines) if line.get("message") == "worker ready")
+    alarming = [line for line in lines[: ready + 1] if line["level"] in ("ERROR", "CRITICAL")]
+    assert not alarming, alarming
+    (listening,) = [line for line in lines if line.get("message") == "metrics server listening"]
+    assert listening["multiprocess"] is True

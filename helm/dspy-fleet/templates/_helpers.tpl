@@ -82,17 +82,29 @@ app.kubernetes.io/component: {{ .component }}
 {{- include "dspy-fleet.componentName" (dict "ctx" . "component" "redis") -}}
 {{- end -}}
 
-{{/* Redis URL env var: the in-chart Redis, else `redis-url` from the Secret. */}}
+{{/* The Secret of the in-chart Redis: its password, the URL carrying it, a redis.conf snippet. */}}
+{{- define "dspy-fleet.redisSecretName" -}}
+{{- include "dspy-fleet.componentName" (dict "ctx" . "component" "redis") -}}
+{{- end -}}
+
+{{/* Where every pod's Redis URL comes from: always a Secret, never a plain value.
+     In-chart Redis: key `redis-url` of its Secret (the URL carries the password);
+     external Redis: key `redis-url` of the chart's Secret or secrets.existingSecret. */}}
+{{- define "dspy-fleet.redisUrlSecretKeyRef" -}}
+secretKeyRef:
+{{- if .Values.redis.enabled }}
+  name: {{ include "dspy-fleet.redisSecretName" . }}
+{{- else }}
+  name: {{ include "dspy-fleet.secretName" . }}
+{{- end }}
+  key: redis-url
+{{- end -}}
+
+{{/* Redis URL env var of the api, worker and Flower. */}}
 {{- define "dspy-fleet.redisUrlEnv" -}}
 - name: DSPY_FLEET_REDIS_URL
-{{- if .Values.redis.enabled }}
-  value: {{ printf "redis://%s:6379/0" (include "dspy-fleet.redisHost" .) | quote }}
-{{- else }}
   valueFrom:
-    secretKeyRef:
-      name: {{ include "dspy-fleet.secretName" . }}
-      key: redis-url
-{{- end }}
+    {{- include "dspy-fleet.redisUrlSecretKeyRef" . | nindent 4 }}
 {{- end -}}
 
 {{/* Environment both the api and the worker read. */}}
@@ -160,6 +172,12 @@ checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256
 {{- end -}}
 {{- if and (not .Values.redis.enabled) (not .Values.secrets.redisUrl) (not .Values.secrets.existingSecret) -}}
 {{- $messages = append $messages "redis.enabled=false needs secrets.redisUrl or secrets.existingSecret (with key redis-url)" -}}
+{{- end -}}
+{{- if and $prod (not .Values.networkPolicy.enabled) (not .Values.networkPolicy.acknowledgeDisabled) -}}
+{{- $messages = append $messages "env=production with networkPolicy.enabled=false: anyone who reaches Redis can act as any tenant and Flower shows every tenant's payloads; keep networkPolicy.enabled=true, or set networkPolicy.acknowledgeDisabled=true if your cluster enforces equivalent policies another way" -}}
+{{- end -}}
+{{- if and .Values.networkPolicy.enabled .Values.serviceMonitor.enabled (not .Values.networkPolicy.metricsFrom) -}}
+{{- $messages = append $messages "serviceMonitor.enabled with networkPolicy.enabled needs networkPolicy.metricsFrom (your Prometheus's namespace/pod labels): metrics ports accept no one by default" -}}
 {{- end -}}
 {{- if le (float64 .Values.timeLimit) (float64 .Values.softTimeLimit) -}}
 {{- $messages = append $messages "timeLimit must be greater than softTimeLimit" -}}

@@ -1,0 +1,181 @@
+"""The API's job waiter on a real Redis: woken by the finish script's notification, and by its
+sweep when a notification is lost (a finish it never heard of, a subscriber cut off).
+
+In-process waiters (threads; under gunicorn's gevent worker the same code runs on greenlets)
+against a private redis-server, finished by the job store's own scripts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from api.waiter import JobWaiter
+from dspy_fleet.devtools.redis import RedisServer
+from dspy_fleet.store.jobs import WAKE_PREFIX, JobStore
+from tests.conftest import poll
+
+SUCCEEDED = {"status": "succeeded", "outputs": {"answer": "42"}}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    server = RedisServer(log_path=tmp_path_factory.mktemp("waiter") / "redis.log").start()
+    conn = redis.Redis.from_url(server.url, decode_responses=True)
+    yield conn
+    conn.close()
+    server.stop()
+
+
+@pytest.fixture
+def store(client: redis.Redis) -> JobStore:
+    return JobStore(client, ttl_seconds=600)
+
+
+@pytest.fixture
+def waiters(client: redis.Redis, store: JobStore) -> Iterator[Callable[..., JobWaiter]]:
+    """Makes waiters (one per simulated API process); stops their subscribers after the test."""
+    made: list[JobWaiter] = []
+
+    def make(**kwargs: Any) -> JobWaiter:
+        made.append(JobWaiter(client, store, **kwargs))
+        return made[-1]
+
+    yield make
+    for waiter in made:
+        waiter.close(wait=False)
+    for waiter in made:
+        waiter.close()
+
+
+def new_job(store: JobStore) -> str:
+    job_id = f"waiter-{uuid.uuid4().hex}"
+    assert store.create(job_id, {"program": "qa", "tenant": "t"})
+    return job_id
+
+
+def wakeups(source: str) -> float:
+    return REGISTRY.get_sample_value("dspy_api_wait_wakeups_total", {"source": source}) or 0.0
+
+
+class Waiting:
+    """One ``JobWaiter.wait`` in a thread: its result and how long it took."""
+
+    def __init__(self, waiter: JobWaiter, job_id: str, timeout: float) -> None:
+        self.result: dict[str, Any] | None = None
+        self.seconds = 0.0
+        self.thread = threading.Thread(target=self._run, args=(waiter, job_id, timeout))
+        self.thread.start()
+
+    def _run(self, waiter: JobWaiter, job_id: str, timeout: float) -> None:
+        started = time.monotonic()
+        self.result = waiter.wait(job_id, timeout)
+        self.seconds = time.monotonic() - started
+
+    def join(self) -> dict[str, Any] | None:
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive()
+        return self.result
+
+
+def watched(client: redis.Redis, waiter: JobWaiter, job_id: str) -> bool:
+    """Whether the waiter's process channel is in the job's wake set (its wait began)."""
+    return bool(client.sismember(WAKE_PREFIX + job_id, waiter.channel))
+
+
+def test_the_finish_script_wakes_every_process_waiting_for_the_job(
+    client: redis.Redis, store: JobStore, waiters: Callable[..., JobWaiter]
+) -> None:
+    # Two API processes (each its own channel and subscriber) and two waiters in one of them.
+    first, second = waiters(), waiters()
+    job_id = new_job(store)
+    before = wakeups("notification")
+    waits = [Waiting(first, job_id, 30), Waiting(first, job_id, 30), Waiting(second, job_id, 30)]
+    poll(lambda: watched(client, first, job_id) and watched(client, second, job_id))
+    poll(lambda: first.waiting == 1 and second.waiting == 1)
+    assert store.finish(job_id, SUCCEEDED) == 1
+    for w in waits:
+        job = w.join()
+        assert (
+            job is not None and job["status"] == "succeeded" and job["outputs"] == {"answer": "42"}
+        )
+        assert w.seconds < 30  # woken, not timed out
+    # One wake per process (the job, not each request), by notification; the set is gone.
+    assert wakeups("notification") - before == 2
+    assert not client.exists(WAKE_PREFIX + job_id)
+    assert first.waiting == 0 and second.waiting == 0
+
+
+def test_no_wake_set_for_a_job_nobody_waits_for_or_that_already_ended(
+    client: redis.Redis, store: JobStore, waiters: Callable[..., JobWaiter]
+) -> None:
+    waiter = waiters()
+    job_id = new_job(store)
+    assert store.finish(job_id, SUCCEEDED) == 1
+    assert not client.exists(WAKE_PREFIX + job_id)
+    # A wait on an ended job answers at once and registers nothing.
+    job = waiter.wait(job_id, 30)
+    assert job is not None and job["status"] == "succeeded"
+    assert not client.exists(WAKE_PREFIX + job_id)
+    assert waiter.wait("no-such-job", 1) is None
+    assert not client.exists(WAKE_PREFIX + "no-such-job")
+
+
+def test_a_job_that_ended_without_a_notification_is_found_by_the_sweep(
+    client: redis.Redis, store: JobStore, waiters: Callable[..., JobWaiter]
+) -> None:
+    waiter = waiters(recheck_seconds=0.3)
+    job_id = new_job(store)
+    before = wakeups("sweep")
+    waiting = Waiting(waiter, job_id, 30)
+    poll(lambda: watched(client, waiter, job_id))
+    # Made terminal behind the scripts' back: no PUBLISH reaches the subscriber.
+    client.hset(store.key(job_id), mapping={"status": "failed"})
+    job = waiting.join()
+    assert job is not None and job["status"] == "failed"
+    assert waiting.seconds < 30  # the sweep found it; the wait did not run out
+    assert wakeups("sweep") - before == 1
+    print(f"found by the sweep (every 0.3 s) after {waiting.seconds:.2f} s")
+
+
+def test_a_cut_off_subscriber_resubscribes_and_finds_what_ended_meanwhile(
+    client: redis.Redis, store: JobStore, waiters: Callable[..., JobWaiter]
+) -> None:
+    # Sweeps only at (re)subscription: what wakes the waiter must be the resubscription's.
+    waiter = waiters(recheck_seconds=600)
+    job_id = new_job(store)
+    before = wakeups("sweep")
+    waiting = Waiting(waiter, job_id, 30)
+    poll(lambda: watched(client, waiter, job_id))
+    poll(lambda: client.pubsub_numsub(waiter.channel)[0][1] == 1)
+    # Cut the subscriber off; the job ends while it reconnects (the notification is lost).
+    assert client.client_kill_filter(_type="pubsub") >= 1
+    assert store.finish(job_id, SUCCEEDED) == 1
+    job = waiting.join()
+    assert job is not None and job["status"] == "succeeded"
+    assert waiting.seconds < 30
+    assert wakeups("sweep") - before == 1
+    assert client.pubsub_numsub(waiter.channel)[0][1] == 1  # listening again
+    print(f"woken after the resubscription {waiting.seconds:.2f} s after the cut")
+
+
+def test_a_wait_that_runs_out_answers_the_job_as_it_stands(
+    client: redis.Redis, store: JobStore, waiters: Callable[..., JobWaiter]
+) -> None:
+    waiter = waiters()
+    job_id = new_job(store)
+    job = waiter.wait(job_id, 0.3)
+    assert job is not None and job["status"] == "queued"
+    assert waiter.waiting == 0
+    # Its channel stays in the set until the job ends (a stale entry costs one PUBLISH).
+    assert watched(client, waiter, job_id)
+    assert client.ttl(WAKE_PREFIX + job_id) > 0
+    assert store.finish(job_id, SUCCEEDED) == 1
+    assert not client.exists(WAKE_PREFIX + job_id)
