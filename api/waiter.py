@@ -68,6 +68,9 @@ class JobWaiter:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        # Set while the subscriber is subscribed and has swept once since: from then on an
+        # end is heard by notification (or by the next sweep, if the notification is lost).
+        self.listening = threading.Event()
 
     def wait(self, job_id: str, timeout: float) -> dict[str, Any] | None:
         """The job once it ended, or as it stands when ``timeout`` (seconds) runs out; None
@@ -155,6 +158,7 @@ class JobWaiter:
                     if time.monotonic() >= next_sweep:
                         self._sweep()
                         next_sweep = time.monotonic() + self.recheck_seconds
+                        self.listening.set()
             except redis.RedisError as exc:
                 log.warning("job waiter lost Redis (%s); resubscribing", exc)
                 self._stopped.wait(RECONNECT_SECONDS)
@@ -164,4 +168,5 @@ class JobWaiter:
                 log.exception("job waiter failed; resubscribing")
                 self._stopped.wait(RECONNECT_SECONDS)
             finally:
+                self.listening.clear()
                 pubsub.close()

@@ -94,12 +94,15 @@ def test_the_finish_script_wakes_every_process_waiting_for_the_job(
     client: redis.Redis, store: JobStore, waiters: Callable[..., JobWaiter]
 ) -> None:
     # Two API processes (each its own channel and subscriber) and two waiters in one of them.
-    first, second = waiters(), waiters()
+    # No periodic sweep during the test: what wakes the waiters must be the notification.
+    first, second = waiters(recheck_seconds=600), waiters(recheck_seconds=600)
     job_id = new_job(store)
     before = wakeups("notification")
     waits = [Waiting(first, job_id, 30), Waiting(first, job_id, 30), Waiting(second, job_id, 30)]
     poll(lambda: watched(client, first, job_id) and watched(client, second, job_id))
     poll(lambda: first.waiting == 1 and second.waiting == 1)
+    # Both subscribed and past their first sweep (else that sweep could find the end first).
+    poll(lambda: first.listening.is_set() and second.listening.is_set())
     assert store.finish(job_id, SUCCEEDED) == 1
     for w in waits:
         job = w.join()
@@ -154,7 +157,7 @@ def test_a_cut_off_subscriber_resubscribes_and_finds_what_ended_meanwhile(
     before = wakeups("sweep")
     waiting = Waiting(waiter, job_id, 30)
     poll(lambda: watched(client, waiter, job_id))
-    poll(lambda: client.pubsub_numsub(waiter.channel)[0][1] == 1)
+    poll(lambda: client.pubsub_numsub(waiter.channel)[0][1] == 1 and waiter.listening.is_set())
     # Cut the subscriber off; the job ends while it reconnects (the notification is lost).
     assert client.client_kill_filter(_type="pubsub") >= 1
     assert store.finish(job_id, SUCCEEDED) == 1
