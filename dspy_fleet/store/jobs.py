@@ -41,6 +41,15 @@ WAKE_MARGIN_SECONDS = 60
 # script keeps for batches that have a callback.
 CALLBACKS_KEY = "dspy_fleet:callbacks"
 BATCH_PREFIX = "dspy_fleet:batch:"
+# Each job's event log (GET /v1/predictions/<id>/events): a Redis Stream appended by the
+# scripts that change the job's status, in the same atomic step, so the log and the record
+# never disagree. An entry holds ``status`` and, for a status that has them, ``attempts``,
+# ``retry_in_seconds`` + ``error`` (retrying), ``throttled_until`` + ``throttle_reason``
+# (throttled); a terminal entry holds only its status (the API shows the record then). The
+# stream lives as long as its job's record (it takes the record's TTL at each append) and
+# keeps about EVENTS_MAXLEN entries (trimmed from the oldest: the terminal one stays).
+EVENTS_PREFIX = "dspy_fleet:events:"
+EVENTS_MAXLEN = 64
 _JSON_FIELDS = ("outputs", "error", "cost", "message")
 _FLOAT_FIELDS = ("retry_in_seconds",)
 _INT_FIELDS = ("attempts", "rate_limited")
@@ -75,6 +84,41 @@ end
 """
 )
 
+# Append the job's current status to its event log (EVENTS_PREFIX): see the comment there.
+# ``wake``: also publish the job id on the channel of each API process in the job's wake
+# set, so its event streams read on at once (the finish script publishes by itself, and
+# then drops the set). Called after the record was written, by every script that changes
+# a job's status (here, in worker/recovery.py and in dspy_fleet/store/leases.py). The
+# stream and wake keys are named from the job id (not in KEYS), like _CALLBACK_DUE's.
+JOB_EVENT = (
+    f"local EVENTS, WAKE, EVENTS_MAXLEN = '{EVENTS_PREFIX}', '{WAKE_PREFIX}', {EVENTS_MAXLEN}\n"
+    + """
+local function job_event(job_key, job_id, wake)
+  local f = redis.call('HMGET', job_key, 'status', 'attempts', 'retry_in_seconds', 'error',
+                       'throttled_until', 'throttle_reason')
+  if not f[1] then return end
+  local entry = {'status', f[1]}
+  local names = {'attempts', 'retry_in_seconds', 'error', 'throttled_until', 'throttle_reason'}
+  local wanted = {running = {1}, retrying = {1, 2, 3}, throttled = {4, 5}}
+  for _, i in ipairs(wanted[f[1]] or {}) do
+    if f[i + 1] then
+      entry[#entry + 1] = names[i]
+      entry[#entry + 1] = f[i + 1]
+    end
+  end
+  local key = EVENTS .. job_id
+  redis.call('XADD', key, 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(entry))
+  local ttl = redis.call('TTL', job_key)
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+  if wake then
+    for _, channel in ipairs(redis.call('SMEMBERS', WAKE .. job_id)) do
+      redis.call('PUBLISH', channel, job_id)
+    end
+  end
+end
+"""
+)
+
 # Pieces of the create scripts. ARGV: ttl, recovery_after, n, n field/value pairs (the job
 # id among them).
 _EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end\n"
@@ -93,6 +137,9 @@ redis.call('HSET', KEYS[1], 'enqueued_at', string.format('%.6f', now))
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), redis.call('HGET', KEYS[1], 'job_id'))
 """
 
+# The new job's first event (nobody can stream a job before it exists: no wake-up).
+_LOG_CREATED = "job_event(KEYS[1], redis.call('HGET', KEYS[1], 'job_id'), false)\n"
+
 # Create the hash only if it does not exist, atomically, so two submissions of
 # one idempotency key can never both enqueue. A job born finished (a cache hit the
 # API served) also gets its finished marker and its bill.
@@ -100,6 +147,7 @@ redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), redis.call('HGET', KEYS[1],
 # ARGV: ttl, recovery_after, n, pairs, [day ttl, bill].
 _CREATE = (
     _CALLBACK_DUE
+    + JOB_EVENT
     + _EXISTS
     + _STORE
     + """
@@ -109,10 +157,12 @@ if #KEYS == 4 then
   for i = b + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
   redis.call('EXPIRE', KEYS[4], ARGV[b])
   callback_due(KEYS[1], redis.call('HGET', KEYS[1], 'job_id'))
+  job_event(KEYS[1], redis.call('HGET', KEYS[1], 'job_id'), false)
   return 1
 end
 """
     + _WATCH
+    + _LOG_CREATED
     + "return 1\n"
 )
 
@@ -120,13 +170,15 @@ end
 # is created: the caller answers from it), else _CREATE's queued job.
 # KEYS: job, finished marker, pending set, L2 key. ARGV: as _CREATE without a bill.
 _CREATE_UNLESS_CACHED = (
-    """
+    JOB_EVENT
+    + """
 local hit = redis.call('GET', KEYS[4])
 if hit then return hit end
 """
     + _EXISTS
     + _STORE
     + _WATCH
+    + _LOG_CREATED
     + "return 1\n"
 )
 
@@ -147,6 +199,7 @@ if hit then return hit end
 # ARGV: ttl, job id, token, n, pairs, [day ttl, model, tokens, nano-USD, keep s, bill].
 _FINISH = (
     _CALLBACK_DUE
+    + JOB_EVENT
     + quotas.CALENDAR
     + quotas.SPEND_FUNCTION
     + """
@@ -172,6 +225,7 @@ if #KEYS == 9 then
               ARGV[b + 4]})
 end
 callback_due(KEYS[1], ARGV[2])
+job_event(KEYS[1], ARGV[2], false)
 local waiting = redis.call('SMEMBERS', KEYS[5])
 if #waiting > 0 then
   for _, channel in ipairs(waiting) do redis.call('PUBLISH', channel, ARGV[2]) end
@@ -187,7 +241,9 @@ return 1
 # due sweep can publish it; ``retries`` counts the retries scheduled, so the next
 # claim knows its attempt number whichever message delivers it.
 # KEYS: job, lease, pending set. ARGV: token, countdown s, job id, message, n, pairs.
-_RETRY = """
+_RETRY = (
+    JOB_EVENT
+    + """
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
 local n = tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], unpack(ARGV, 6, 5 + 2 * n))
@@ -197,8 +253,10 @@ redis.call('HDEL', KEYS[1], 'lease')
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[3], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[2]), ARGV[3])
+job_event(KEYS[1], ARGV[3], true)
 return 1
 """
+)
 
 # Hand a job whose model is at its provider limit back, to come back at its turn: like
 # _RETRY, but no attempt is spent (``retries`` stays) and the status is ``throttled``.
@@ -206,7 +264,9 @@ return 1
 # handed back (-2) and the caller fails it. Fenced like _FINISH (0: lease lost).
 # KEYS: job, lease, pending set. ARGV: token, due in s, job id, message, n, 429 (1/0),
 # max 429s, pairs.
-_THROTTLE = """
+_THROTTLE = (
+    JOB_EVENT
+    + """
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
 if ARGV[6] == '1' then
   if tonumber(redis.call('HGET', KEYS[1], 'rate_limited') or '0') >= tonumber(ARGV[7]) then
@@ -221,8 +281,10 @@ redis.call('HDEL', KEYS[1], 'lease')
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[3], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[2]), ARGV[3])
+job_event(KEYS[1], ARGV[3], true)
 return 1
 """
+)
 
 # Give a lease up (the job is handed back unfinished: our Redis failed under it, or the
 # worker shuts down), so the handed-back message is claimed at once instead of after the
@@ -248,6 +310,7 @@ _LUA_TERMINAL = (
 # K: job, lease, pending set. A: ttl, token, lease ms, n, n metadata pairs, update pairs.
 _START_FUNCTION = (
     _LUA_TERMINAL
+    + JOB_EVENT
     + """
 local function job_start(K, A)
   local status = redis.call('HGET', K[1], 'status')
@@ -264,8 +327,9 @@ local function job_start(K, A)
   redis.call('HDEL', K[1], 'suspect', 'throttled_until', 'throttle_reason')
   redis.call('EXPIRE', K[1], A[1])
   local t = redis.call('TIME')
-  redis.call('ZADD', K[3], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(A[3]) / 1000,
-             redis.call('HGET', K[1], 'job_id'))
+  local job_id = redis.call('HGET', K[1], 'job_id')
+  redis.call('ZADD', K[3], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(A[3]) / 1000, job_id)
+  job_event(K[1], job_id, true)
   return {status or '', attempt}
 end
 """
@@ -478,6 +542,20 @@ class JobStore:
             return None
         raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
         return {"job_id": job_id, **decode(raw)}
+
+    def events(
+        self, job_id: str, after: str | None = None, count: int = EVENTS_MAXLEN
+    ) -> tuple[list[tuple[str, dict[str, str]]], bool]:
+        """The job's event log (EVENTS_PREFIX) after the stream id ``after`` (exclusive; None:
+        from the start), at most ``count`` entries oldest first as (stream id, fields), and
+        whether the job's record still exists. One pipelined round trip; ``after`` must be
+        a valid stream id ("<ms>-<seq>"), else Redis raises ResponseError."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xrange(EVENTS_PREFIX + job_id, min=f"({after}" if after else "-", count=count)
+        pipe.exists(self.key(job_id))
+        entries, exists = pipe.execute()
+        out = [(_text(eid), {_text(k): _text(v) for k, v in f.items()}) for eid, f in entries]
+        return out, bool(exists)
 
     def statuses(self, job_ids: list[str]) -> list[str | None]:
         """The status of each job (None for an unknown one), in one pipelined round trip."""
