@@ -94,7 +94,6 @@ class BatchStore:
             jobs = dict(zip(ids, read_jobs(self.client, ids), strict=True)) if ids else {}
             yield [(e, jobs.get(e.get("job_id", ""))) for e in chunk]
 
-
     def statuses(self, batch_id: str) -> Iterator[list[str]]:
         """Each chunk of items' statuses (as :func:`item_status`), reading only each job's
         ``status`` field: one pipelined round trip per chunk."""
