@@ -11,8 +11,9 @@ nothing repeated.
 Live delivery costs no Redis connection and no thread per stream: a stream registers its
 process's wake channel in the job's wake set and waits on the process's one pub/sub
 subscriber (api/waiter.py), which the status-changing scripts publish to. While nothing
-happens it writes a ``: keep-alive`` comment every DSPY_FLEET_EVENTS_KEEPALIVE_SECONDS (a
-lost notification is found then too: each wake or keep-alive reads the log). A stream
+happens it writes a ``: keep-alive`` comment every DSPY_FLEET_EVENTS_KEEPALIVE_SECONDS
+(no Redis read), and reads the log again every 5 s (api/waiter.py's RECHECK_SECONDS) in
+case a notification was lost (pub/sub is at-most-once). A stream
 stays open at most DSPY_FLEET_EVENTS_MAX_SECONDS; the client then reconnects with
 ``Last-Event-ID`` (``retry:`` says after 1 s).
 
@@ -45,6 +46,7 @@ from api.batches import batches
 from api.limits import POLL_AGAIN_SECONDS, wait_limiter
 from api.routes.predictions import _waiter
 from api.services import services
+from api.waiter import RECHECK_SECONDS
 from dspy_fleet.contract import DEFAULT_TENANT, TERMINAL_STATUSES
 from dspy_fleet.errors import NotFoundError, RateLimitedError, RequestValidationError
 from dspy_fleet.store.batches import BatchStore, summarize
@@ -201,12 +203,18 @@ class JobStream:
                     return
                 if not exists:
                     return  # the record expired
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return  # the client resumes with Last-Event-ID
-                if woken.wait(min(self.keepalive, remaining)):
-                    woken.clear()
-                else:
+                # Wait for a notification; write keep-alives meanwhile, and read the log
+                # again at least every RECHECK_SECONDS (a notification may be lost).
+                recheck = time.monotonic() + RECHECK_SECONDS
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return  # the client resumes with Last-Event-ID
+                    if woken.wait(min(self.keepalive, remaining, recheck - time.monotonic())):
+                        woken.clear()
+                        break
+                    if time.monotonic() >= recheck:
+                        break
                     yield KEEP_ALIVE
 
 
