@@ -83,9 +83,9 @@ def _last_event_id(pattern: str, what: str) -> dict[str, Any]:
 
 
 JOB_EVENT_ID = _last_event_id(
-    r"^[0-9]{1,20}-[0-9]{1,20}$",
-    "the `id` of an event this prediction's stream sent (a Redis stream id). Only the events "
-    "after it are sent.",
+    r"^[0-9]{1,9}$",
+    "the `id` of an event this prediction's stream sent (its number in the job's log: 1, 2, "
+    "...). Only the events after it are sent.",
 )
 BATCH_EVENT_ID = _last_event_id(
     r"^[a-z_]{1,20}(\.[0-9]{1,9}){5}$",

@@ -1,11 +1,11 @@
 """Server-Sent Event streams: GET /v1/predictions/<id>/events and GET /v1/batches/<id>/events.
 
-A prediction's stream replays its event log (a Redis Stream the job store's scripts append
+A prediction's stream replays its event log (a Redis list the job store's scripts append
 at every status change, atomically with the change: dspy_fleet/store/jobs.py, JOB_EVENT)
 and follows it live: ``status`` events (queued, running, retrying, throttled), then one
 ``result`` event whose data is the prediction as GET /v1/predictions/<id> shows it, and
-the stream ends. Each event's ``id`` is its stream id, so a client that reconnects with
-``Last-Event-ID`` gets exactly the events after it (XRANGE, exclusive): nothing missed,
+the stream ends. Each event's ``id`` is its number in the log (1, 2, ...), so a client
+that reconnects with ``Last-Event-ID`` gets exactly the events after it: nothing missed,
 nothing repeated.
 
 Live delivery costs no Redis connection and no thread per stream: a stream registers its
@@ -50,7 +50,7 @@ from api.waiter import RECHECK_SECONDS
 from dspy_fleet.contract import DEFAULT_TENANT, TERMINAL_STATUSES
 from dspy_fleet.errors import NotFoundError, RateLimitedError, RequestValidationError
 from dspy_fleet.store.batches import BatchStore, summarize
-from dspy_fleet.store.jobs import EVENTS_MAXLEN, JobStore
+from dspy_fleet.store.jobs import JobStore
 from dspy_fleet.views import batch_view, prediction_view
 
 bp = Blueprint("events", __name__, url_prefix="/v1")
@@ -60,8 +60,8 @@ LAST_EVENT_ID = "Last-Event-ID"
 # What the client waits before reconnecting (the SSE ``retry:`` field), in milliseconds.
 RETRY_MS = 1000
 KEEP_ALIVE = ": keep-alive\n\n"
-# A prediction's event ids are Redis stream ids; a batch's name a snapshot of its counts.
-STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+# A prediction's event ids number its log's entries; a batch's name a snapshot of its counts.
+JOB_EVENT_ID = re.compile(r"^[0-9]{1,9}$")
 BATCH_EVENT_ID = re.compile(r"^[a-z_]{1,20}(?:\.[0-9]{1,9}){5}$")
 BATCH_ENDED = frozenset({"completed", "failed", "cancelled"})
 
@@ -119,16 +119,16 @@ def _response(body: Iterator[str], release: Callable[[], None]) -> Response:
     return resp
 
 
-def _at(event_id: str) -> str:
-    """The time of a stream entry (its id's milliseconds, Redis's clock), ISO 8601 UTC."""
-    moment = datetime.fromtimestamp(int(event_id.split("-")[0]) / 1000, UTC)
+def _at(seconds: str) -> str:
+    """A log entry's time (Redis's clock, "<s>.<us>") as ISO 8601 UTC, to the millisecond."""
+    moment = datetime.fromtimestamp(float(seconds), UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def status_data(job_id: str, event_id: str, fields: dict[str, str]) -> dict[str, Any]:
+def status_data(job_id: str, fields: dict[str, Any]) -> dict[str, Any]:
     """A ``status`` event's data: {id, status, at, attempt?, retry_in_seconds?, error?,
-    throttled_until?, throttle_reason?} from a log entry's fields."""
-    data: dict[str, Any] = {"id": job_id, "status": fields.get("status"), "at": _at(event_id)}
+    throttled_until?, throttle_reason?} from a log entry (JobStore.events)."""
+    data: dict[str, Any] = {"id": job_id, "status": fields.get("status"), "at": _at(fields["t"])}
     if "attempts" in fields:
         data["attempt"] = int(fields["attempts"])
     if "retry_in_seconds" in fields:
@@ -144,7 +144,8 @@ def status_data(job_id: str, event_id: str, fields: dict[str, str]) -> dict[str,
 @bp.get("/predictions/<job_id>/events")
 def prediction_events(job_id: str) -> Response:
     """A prediction's status changes and result, as Server-Sent Events (module docstring)."""
-    after = _last_event_id(STREAM_ID, "a Redis stream id such as 1700000000000-0")
+    raw_after = _last_event_id(JOB_EVENT_ID, "a whole number")
+    after = int(raw_after) if raw_after is not None else None
     svc = services()
     job = svc.store.get(job_id)
     if job is None or not visible(job.get("tenant")):
@@ -175,9 +176,9 @@ class JobStream:
         if job is not None:
             yield sse("result", prediction_view(job, self.base_url), event_id)
 
-    def events(self, after: str | None) -> Iterator[str]:
-        """The SSE text: the events after ``after`` (a stream id; None: all), live until
-        the result or the stream's maximum duration."""
+    def events(self, after: int | None) -> Iterator[str]:
+        """The SSE text: the events after ``after`` (an event's number; None: all), live
+        until the result or the stream's maximum duration."""
         deadline = time.monotonic() + self.max_seconds
         yield f"retry: {RETRY_MS}\n\n"
         with self.waiter.notified(self.job_id) as woken:
@@ -187,15 +188,13 @@ class JobStream:
                 return
             ended = job.get("status") in TERMINAL_STATUSES
             while True:
-                entries, exists = self.store.events(self.job_id, after, EVENTS_MAXLEN)
-                for event_id, fields in entries:
-                    after = event_id
+                entries, exists = self.store.events(self.job_id, after)
+                for fields in entries:
+                    after = int(fields["n"])
                     if fields.get("status") in TERMINAL_STATUSES:
-                        yield from self._result(event_id)
+                        yield from self._result(str(after))
                         return
-                    yield sse("status", status_data(self.job_id, event_id, fields), event_id)
-                if len(entries) >= EVENTS_MAXLEN:
-                    continue  # more to read at once
+                    yield sse("status", status_data(self.job_id, fields), str(after))
                 if ended:
                     # Ended, with no terminal entry after ``after``: a client resuming after
                     # the result, or a job older than its log. The result, without an id.
