@@ -214,7 +214,7 @@ def test_streams_are_tenant_checked_and_errors_come_before_the_stream(fleet: Own
 
 def test_a_batch_stream_reports_progress_then_the_batch(fleet: OwnStack) -> None:
     worker_started(fleet)
-    fleet.mock.set_faults(latency_ms=400)
+    fleet.mock.set_faults(latency_ms=800)
     try:
         with http(fleet) as client:
             items = [{"custom_id": f"c{i}", "input": f"batch {uuid.uuid4().hex}"}
@@ -234,7 +234,7 @@ def test_a_batch_stream_reports_progress_then_the_batch(fleet: OwnStack) -> None
     kinds = [e["event"] for e in reader.events]
     assert kinds[-1] == "result" and set(kinds[:-1]) == {"progress"}
     first = reader.events[0]["data"]["counts"]
-    assert first["total"] == 5 and first["pending"] > 0  # the items take 0.4 s each
+    assert first["total"] == 5 and first["pending"] > 0  # the items take 0.8 s each
     ended = [e["data"]["counts"]["total"] - e["data"]["counts"]["pending"] for e in reader.events]
     assert ended == sorted(ended) and len(set(e["id"] for e in reader.events)) == len(kinds)
     result = reader.events[-1]["data"]
