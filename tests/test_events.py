@@ -1,11 +1,11 @@
 """Event streams (Server-Sent Events): every status change, in order, resumable, tenant-checked.
 
-A real fleet: Redis, the mock LLM, the API (two of them: the second closes its streams after
-1.5 s, to make clients resume), and a worker that is started only inside the first test,
-after that test's client is connected, so that the client sees the job go from queued to
-running to succeeded live and not by luck of timing. The streams are read with httpx and a
-small SSE reader written here (not the SDK's), except where the SDK's ``iter_events`` is
-what is tested.
+A real fleet: Redis, the mock LLM, three APIs (the second closes its streams after 1.5 s, to
+make clients resume; the third holds one request open at most), and a worker that is started
+only inside the first test, after that test's client is connected, so that the client sees
+the job go from queued to running to succeeded live and not by luck of timing. The streams
+are read with httpx and a small SSE reader written here (not the SDK's), except where the
+SDK's ``iter_events`` is what is tested.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnStack]:
         with stack.together():
             stack.start_api()
             stack.start_api("short", DSPY_FLEET_EVENTS_MAX_SECONDS=str(SHORT_STREAM_SECONDS))
+            # One process that may hold one request open at a time.
+            stack.start_api("capped", DSPY_FLEET_API_WORKERS="1", DSPY_FLEET_MAX_WAITS="1")
         yield stack
     finally:
         stack.stop()
@@ -243,3 +245,24 @@ def test_a_batch_stream_reports_progress_then_the_batch(fleet: OwnStack) -> None
                                                    "cancelled": 0, "pending": 0}  # fmt: skip
     # Resuming after the first snapshot: the ended batch's result, nothing older.
     assert [e["event"] for e in again.events] == ["result"]
+
+
+def test_a_stream_over_the_cap_of_held_requests_is_refused_with_429(fleet: OwnStack) -> None:
+    worker_started(fleet)
+    fleet.mock.set_faults(latency_ms=2000)
+    try:
+        with http(fleet, api="capped") as client:
+            job_id = submit(client, f"capped {uuid.uuid4().hex}")
+            path = f"/v1/predictions/{job_id}/events"
+            with client.stream("GET", path) as held:
+                assert held.status_code == 200
+                next(held.iter_lines())  # the stream is open and holds the one slot
+                refused = client.get(path)
+                assert refused.status_code == 429, refused.text
+                assert refused.json()["error"]["code"] == "rate_limited"
+                assert refused.headers["Retry-After"] == "1"
+            # The closed stream gave its slot back (once the server saw it close).
+            again = poll(lambda: (r := client.get(path)).status_code == 200 and r, timeout=10)
+            assert "event: result" in again.text and '"status":"succeeded"' in again.text
+    finally:
+        fleet.mock.set_faults(latency_ms=0)
