@@ -13,9 +13,9 @@ process's wake channel in the job's wake set and waits on the process's one pub/
 subscriber (api/waiter.py), which the status-changing scripts publish to. While nothing
 happens it writes a ``: keep-alive`` comment every DSPY_FLEET_EVENTS_KEEPALIVE_SECONDS
 (no Redis read), and reads the log again every 5 s (api/waiter.py's RECHECK_SECONDS) in
-case a notification was lost (pub/sub is at-most-once). A stream
-stays open at most DSPY_FLEET_EVENTS_MAX_SECONDS; the client then reconnects with
-``Last-Event-ID`` (``retry:`` says after 1 s).
+case a notification was lost (pub/sub is at-most-once). A stream stays open at most
+DSPY_FLEET_EVENTS_MAX_SECONDS; the client then reconnects with ``Last-Event-ID``
+(``retry:`` says after 1 s).
 
 A batch's stream is a series of snapshots: a ``progress`` event ({id, status, counts}) each
 time its counts change, read every DSPY_FLEET_EVENTS_BATCH_POLL_SECONDS (one pipelined
