@@ -6,6 +6,7 @@ client in this process. The end-to-end run with workers and a judge is tests/tes
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -266,3 +267,39 @@ def test_verdict_names_the_better_variant_or_how_many_more_jobs() -> None:
     expected = -(-int(per_arm * 2 * 1000) // 1000) - 200
     assert abs(cmp["success_rate"]["more_jobs_needed"] - expected) <= 1
     assert f"about {cmp['success_rate']['more_jobs_needed']} more jobs needed" in out["verdict"]
+
+
+LAZY_PROBE = """
+import json, sys, time
+import redis
+from api import create_app
+settings = {"redis_url": sys.argv[1], "config": sys.argv[2]}
+app = create_app({"keep_logging": True, "settings": settings})
+r = redis.Redis.from_url(sys.argv[1])
+for i, v in enumerate("aabb"):  # two samples per variant: enough to compare
+    r.zadd("dspy_fleet:outcomes:qa", {f"probe-{i}|{v}|succeeded|5.0||0|t": time.time()})
+client = app.test_client()
+client.get('/health')
+before = sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'statsmodels'))
+started = time.perf_counter()
+assert client.get('/v1/programs/qa/report').status_code == 200
+first = time.perf_counter() - started
+after = {m.split('.')[0] for m in sys.modules} & {'scipy', 'statsmodels'}
+print(json.dumps({"before": before, "after": sorted(after), "first_report_s": first}))
+"""
+
+
+def test_the_api_loads_the_statistics_on_the_first_report_only(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "fleet.yaml").write_text(CONFIG)
+    argv = [sys.executable, "-c", LAZY_PROBE, server.url, str(tmp_path / "fleet.yaml")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("first report, with the statistics' imports:", round(out["first_report_s"], 2), "s")
+    assert out["before"] == [] and out["after"] == ["scipy", "statsmodels"]
