@@ -185,7 +185,7 @@ def test_unknown_unfinished_and_failed_predictions_refuse_feedback(
     assert resp.status_code == 400 and error_of(resp)["code"] == "invalid_json"
 
 
-def test_report_checks_its_parameters(client: FlaskClient) -> None:
+def test_report_checks_its_parameters_and_window(client: FlaskClient, store: JobStore) -> None:
     resp = client.get("/v1/programs/nope/report", headers=auth("ops"))
     assert resp.status_code == 404 and error_of(resp)["code"] == "unknown_program"
     for query, field in (("since=yesterday", "since"), ("control=zz", "control"),
@@ -196,18 +196,26 @@ def test_report_checks_its_parameters(client: FlaskClient) -> None:
     # A program without variants reports its one arm, "none".
     body = client.get("/v1/programs/plain/report?since=2026-01-01", headers=auth("ops")).get_json()
     assert list(body["variants"]) == ["none"] and "nothing to compare" in body["verdict"]
+    # The window: jobs finished since `since` only.
+    make_job(store, "window-1", tenant="alpha")
+    now = client.get("/v1/programs/qa/report", headers=auth("ops")).get_json()
+    later = client.get("/v1/programs/qa/report?since=2999-01-01T00:00:00Z", headers=auth("ops"))
+    assert now["variants"]["a"]["n"] >= 1
+    assert {v["n"] for v in later.get_json()["variants"].values()} == {0}
 
 
 def test_failed_jobs_count_in_the_success_rate_and_latency(
     client: FlaskClient, store: JobStore
 ) -> None:
-    make_job(store, "sr-1", tenant="beta", variant="b", status="failed", latency=300.0)
-    make_job(store, "sr-2", tenant="beta", variant="b", latency=100.0)
-    body = client.get("/v1/programs/qa/report", headers=auth("beta")).get_json()
-    b = body["variants"]["b"]
-    assert b["n"] >= 3 and b["succeeded"] == b["n"] - 1
-    assert b["latency_ms"]["p95"] > b["latency_ms"]["p50"]
-    assert b["cost_per_request_usd"] == pytest.approx(0.000015)
+    kw: dict[str, Any] = {"tenant": "beta", "program": "plain", "variant": None}
+    make_job(store, "sr-1", status="failed", latency=300.0, **kw)
+    make_job(store, "sr-2", latency=100.0, **kw)
+    make_job(store, "sr-3", status="queued", **kw)  # not finished: no sample
+    body = client.get("/v1/programs/plain/report", headers=auth("beta")).get_json()
+    arm = body["variants"]["none"]
+    assert (arm["n"], arm["succeeded"], arm["success_rate"]) == (2, 1, 0.5)
+    assert arm["latency_ms"] == {"p50": 200.0, "p95": 290.0}
+    assert arm["cost_per_request_usd"] == pytest.approx(0.000015)
 
 
 def test_feedback_metrics_by_program_and_variant(client: FlaskClient, store: JobStore) -> None:
