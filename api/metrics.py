@@ -48,6 +48,16 @@ CACHE_OPERATIONS = operations_counter()
 LIMITED = Counter(
     "dspy_api_limited_total", "Requests a per-tenant or total limit applied to.", ["limit"]
 )
+# Feedback posted on predictions (POST /v1/predictions/<id>/feedback), by the prediction's
+# program and variant; a re-post from the same source counts again. The score histogram's
+# buckets suit the 0..1 convention; scores on other scales land in +Inf (or the first).
+FEEDBACK = Counter("dspy_feedback_total", "Feedback posted on predictions.", ["program", "variant"])
+FEEDBACK_SCORE = Histogram(
+    "dspy_feedback_score",
+    "Feedback scores posted on predictions (0..1 by convention).",
+    ["program", "variant"],
+    buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+)
 JOBS_ENQUEUED = Counter("dspy_jobs_enqueued_total", "Jobs published to the broker.", ["queue"])
 # Requests held by `wait` right now (api/limits.py), summed over the live gunicorn workers.
 WAITS_HELD = Gauge(

@@ -148,6 +148,21 @@ OPERATIONS: list[Op] = [
         "404": ("No such prediction.", E),
         "409": ("Already running or ended (`not_cancellable`); running jobs finish.", E)},
        params=[JOB_ID]),
+    Op("post", "/v1/predictions/<job_id>/feedback", "Judge a prediction", "predictions",
+       {"200": ("Replaced this source's earlier feedback (`replaced: true`).",
+                schemas.Feedback),
+        "201": ("Stored.", schemas.Feedback),
+        "400": ("The body is not JSON.", E),
+        "404": ("No such prediction (or another tenant's).", E),
+        "409": ("`not_succeeded`: the prediction has not succeeded (`details.status`); "
+                "nothing was stored.", E),
+        "413": ("Body over the size limit.", E),
+        "422": ("The body breaks the schema; `details.errors` names the fields.", E)},
+       body=schemas.FeedbackRequest, params=[JOB_ID]),
+    Op("get", "/v1/predictions/<job_id>/feedback", "A prediction's feedback", "predictions",
+       {"200": ("Every source's feedback.", schemas.FeedbackList),
+        "404": ("No such prediction (or another tenant's).", E)},
+       params=[JOB_ID]),
     Op("post", "/v1/batches", "Submit a batch of predictions", "batches",
        {"202": ("Accepted; invalid items and items Redis refused are listed in `errors` "
                 "(they never run); `accepted`/`rejected` name the items by custom_id.",
@@ -188,6 +203,21 @@ OPERATIONS: list[Op] = [
        params=[BATCH_ID]),
     Op("get", "/v1/programs", "Registered programs and models", "catalog",
        {"200": ("Programs with their fields and variants, and models.", OBJ)}),
+    Op("get", "/v1/programs/<program>/report", "A/B report of a program's variants",
+       "catalog",
+       {"200": ("Per variant: n, success rate, latency p50/p95, cost per request, feedback "
+                "n and mean score; per variant against the control: tests, p-values and a "
+                "`verdict` line (README, A/B report). A tenant's own jobs only.", OBJ),
+        "404": ("Unknown program (`unknown_program`).", E),
+        "422": ("Bad `since`, `control` or `source`.", E)},
+       params=[_path_param("program", "The program's name."),
+               _query("since", {"type": "string", "maxLength": 40},
+                      "Jobs finished since: a date or ISO 8601 time (UTC unless it says); "
+                      "default 7 days ago, at most 30 days back (the retention)."),
+               _query("control", {"type": "string", "maxLength": 64},
+                      "The variant the others are compared with (default: first by name)."),
+               _query("source", {"type": "string", "maxLength": 64},
+                      "Only this source's feedback (default: every source's).")]),
     Op("get", "/costs", "Fleet-wide cost and token totals", "catalog",
        {"200": ("Totals and breakdowns; each tenant entry with its `limits`, and `budgets`: "
                 "each tenant's usage against them (as GET /v1/usage).", OBJ),
@@ -204,10 +234,10 @@ OPERATIONS: list[Op] = [
                _query("all", {"type": "boolean"}, "Admin only: every tenant's usage.")]),
 ]  # fmt: skip
 
-BODY_MODELS: list[type[BaseModel]] = [PredictRequest, BatchItem]
+BODY_MODELS: list[type[BaseModel]] = [PredictRequest, BatchItem, schemas.FeedbackRequest]
 RESPONSE_MODELS: list[type[BaseModel]] = [
     schemas.ErrorResponse, schemas.Prediction, schemas.Batch, schemas.BatchCreated,
-    schemas.BatchResultLine, schemas.UsageAnswer,
+    schemas.BatchResultLine, schemas.UsageAnswer, schemas.Feedback, schemas.FeedbackList,
 ]  # fmt: skip
 
 

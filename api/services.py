@@ -26,6 +26,7 @@ from dspy_fleet.fleet_config import FleetConfig
 from dspy_fleet.store import jobs, ledger
 from dspy_fleet.store.cache import l2_key, parse_l2, read_l2
 from dspy_fleet.store.catalog import CatalogReader
+from dspy_fleet.store.feedback import FeedbackStore
 from dspy_fleet.store.jobs import JobStore
 from dspy_fleet.store.quotas import Counted, QuotaBook
 from dspy_fleet.webhooks.urls import AllowList
@@ -80,6 +81,8 @@ class Services:
         )  # fmt: skip
         self.catalog = CatalogReader(self.redis, settings.catalog_ttl_seconds)
         self.quotas = QuotaBook(self.redis, config.tenants)
+        # Feedback and the A/B report's samples (api/routes/feedback.py).
+        self.feedback = FeedbackStore(self.redis)
         # Wakes long-polling requests; made on first use (api/routes/predictions.py).
         self.waiter: JobWaiter | None = None
         self.celery: Celery = make_celery(settings, publisher=True)

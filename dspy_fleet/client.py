@@ -21,7 +21,7 @@ import httpx
 
 from dspy_fleet.contract import TERMINAL_STATUSES as TERMINAL
 from dspy_fleet.errors import ClientError
-from dspy_fleet.schemas import Batch, BatchCreated, Prediction
+from dspy_fleet.schemas import Batch, BatchCreated, Feedback, FeedbackList, Prediction
 
 # The API holds a request at most this long (DSPY_FLEET_MAX_WAIT_SECONDS's ceiling).
 MAX_SERVER_WAIT = 60.0
@@ -292,6 +292,51 @@ class FleetClient:
         return Prediction.model_validate(
             self._request("DELETE", f"/v1/predictions/{job_id}").json()
         )
+
+    # -- feedback and the A/B report --------------------------------------------------------
+
+    def feedback(
+        self,
+        job_id: str,
+        score: float,
+        *,
+        source: str | None = None,
+        label: str | None = None,
+        comment: str | None = None,
+        expected: Mapping[str, Any] | None = None,
+    ) -> Feedback:
+        """POST /v1/predictions/<id>/feedback: judge a succeeded prediction (``score`` 0..1
+        by convention, higher better). One per prediction and ``source`` (default
+        "default"): posting again replaces it (``replaced`` says so). ConflictError
+        ``not_succeeded`` for a prediction that has not succeeded, NotFoundError for an
+        unknown one."""
+        fields = dict(expected) if expected is not None else None
+        body: dict[str, Any] = {"score": score, "source": source, "label": label,
+                                "comment": comment, "expected": fields}  # fmt: skip
+        resp = self._request("POST", f"/v1/predictions/{job_id}/feedback",
+                             json={k: v for k, v in body.items() if v is not None})  # fmt: skip
+        return Feedback.model_validate(resp.json())
+
+    def get_feedback(self, job_id: str) -> list[Feedback]:
+        """GET /v1/predictions/<id>/feedback: every source's feedback on the prediction."""
+        resp = self._request("GET", f"/v1/predictions/{job_id}/feedback")
+        return FeedbackList.model_validate(resp.json()).feedback
+
+    def report(
+        self,
+        program: str,
+        *,
+        since: str | None = None,
+        control: str | None = None,
+        source: str | None = None,
+    ) -> dict[str, Any]:
+        """GET /v1/programs/<name>/report: per variant n, success rate, latency p50/p95, cost
+        per request and mean feedback score; each variant tested against ``control``, with
+        a plain ``verdict`` line (README, A/B report). ``since``: a date or ISO 8601 time."""
+        params = {k: v for k, v in (("since", since), ("control", control),
+                                    ("source", source)) if v is not None}  # fmt: skip
+        resp = self._request("GET", f"/v1/programs/{program}/report", params=params or None)
+        return dict(resp.json())
 
     # -- batches ----------------------------------------------------------------------------
 

@@ -116,6 +116,13 @@ class NotCancellableError(ConflictError):
     code = "not_cancellable"
 
 
+class NotSucceededError(ConflictError):
+    """Feedback on a prediction that has not succeeded (queued, running, failed, cancelled):
+    there is no answer to judge."""
+
+    code = "not_succeeded"
+
+
 class PayloadTooLargeError(RequestError):
     """The request body is over the configured limit."""
 

@@ -222,3 +222,55 @@ class UsageAll(_Open):
 
 class UsageAnswer(RootModel[Usage | UsageAll]):
     """What GET /v1/usage answers: one tenant's usage, or every tenant's (``?all=true``)."""
+
+
+class FeedbackRequest(BaseModel):
+    """Body of POST /v1/predictions/<id>/feedback: one source's judgement of one prediction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: float = Field(
+        strict=True,
+        allow_inf_nan=False,
+        ge=-1e12,
+        le=1e12,
+        description="The judgement: 0..1 by convention (1 best), or any number on your own "
+        "scale (higher is better); the A/B report compares the variants' means.",
+    )
+    label: str | None = Field(default=None, max_length=200, description="e.g. 'good', 'wrong'.")
+    comment: str | None = Field(default=None, max_length=4000)
+    expected: dict[str, Any] | None = Field(
+        default=None, description="The output fields the prediction should have given."
+    )
+    source: str = Field(
+        default="default",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[\w.:-]+$",
+        description="Who judges (a user, a judge program). One feedback per prediction and "
+        "source: posting again from the same source replaces the earlier one.",
+    )
+
+
+class Feedback(_Open):
+    """One source's stored feedback on a prediction."""
+
+    prediction_id: str
+    source: str
+    score: float
+    label: str | None = None
+    comment: str | None = None
+    expected: dict[str, Any] | None = None
+    program: str | None = None
+    variant: str | None = None
+    created_at: str = Field(description="When this source (last) posted it, ISO 8601 UTC.")
+    replaced: bool | None = Field(
+        default=None, description="In the POST answer: this source had posted before."
+    )
+
+
+class FeedbackList(_Open):
+    """GET /v1/predictions/<id>/feedback: every source's feedback on the prediction."""
+
+    prediction_id: str
+    feedback: list[Feedback]

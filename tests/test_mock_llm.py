@@ -197,6 +197,21 @@ def test_replies_parse_with_dspy_adapters(
     assert set(parsed) == set(sig.output_fields)
 
 
+def test_answers_imitate_the_casing_of_few_shot_demos(dspy: ModuleType) -> None:
+    """A field whose every demo is in capitals is answered in capitals; mixed or ordinary
+    demos, or none, leave the answer as it is (the A/B loop test's variants rely on it)."""
+    adapter, sig = dspy.ChatAdapter(), dspy.ensure_signature("question -> answer")
+
+    def answer(*demo_answers: str) -> str:
+        demos = [dspy.Example(question=f"q{i}?", answer=a) for i, a in enumerate(demo_answers)]
+        messages = adapter.format(sig, demos=demos, inputs={"question": "Where to?"})
+        return adapter.parse(sig, respond({"messages": messages}).content)["answer"]
+
+    assert answer("PARIS", "THE PACIFIC").isupper()
+    for demos in [("Paris", "The Pacific"), ("PARIS", "The Pacific"), ()]:
+        assert not answer(*demos).isupper(), demos
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -35,6 +35,14 @@ def publish_bound(settings: CommonSettings) -> float:
     return (PUBLISH_RETRIES + 1) * 2 * settings.redis_timeout_seconds
 
 
+def unacked_mutex_seconds(settings: CommonSettings) -> int:
+    """Expiry (s) of kombu's ``unacked_mutex``, the lock of one restore pass: twice the
+    restore interval, at least 5 s. A pass takes milliseconds (it restores at most
+    ``unacked_restore_limit`` messages); two passes overlapping after an early expiry are
+    harmless, since kombu moves each message back in a WATCH transaction of its own."""
+    return max(5, 2 * settings.restore_sweep_seconds)
+
+
 def celery_config(settings: CommonSettings) -> dict[str, Any]:
     """The Celery settings dict for a process with these settings."""
     timeout = settings.redis_timeout_seconds
@@ -52,6 +60,10 @@ def celery_config(settings: CommonSettings) -> dict[str, Any]:
         # Redeliver a crashed worker's jobs promptly once their visibility timeout passed.
         "unacked_restore_interval": settings.restore_sweep_seconds,
         "unacked_restore_throttle": 1,
+        # The lock a restore pass holds (kombu's default expiry: 300 s). A worker killed
+        # inside a pass leaves it held until it expires, and until then no worker of the
+        # fleet restores anything: a dead worker's prefetched messages waited 5 minutes.
+        "unacked_mutex_expire": unacked_mutex_seconds(settings),
     }
     conf: dict[str, Any] = {
         "broker_url": settings.broker,

@@ -170,5 +170,15 @@ def _register_submit() -> None:
 
 _register_submit()
 
+
+def _register_loop() -> None:
+    from dspy_fleet.cli.loop import feedback, report
+
+    main.add_command(feedback, "feedback")
+    main.add_command(report, "report")
+
+
+_register_loop()
+
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ import redis
 
 from dspy_fleet.contract import DEFAULT_TENANT, TERMINAL_STATUSES, JobMessage
 from dspy_fleet.store import ledger, quotas
+from dspy_fleet.store.feedback import RECORD_OUTCOME
 
 KEY_PREFIX = "dspy_fleet:job:"
 FINISHED_PREFIX = "dspy_fleet:finished:"
@@ -146,12 +147,14 @@ _LOG_CREATED = "job_event(KEYS[1], redis.call('HGET', KEYS[1], 'job_id'), false)
 
 # Create the hash only if it does not exist, atomically, so two submissions of
 # one idempotency key can never both enqueue. A job born finished (a cache hit the
-# API served) also gets its finished marker and its bill.
+# API served) also gets its finished marker, its bill and its A/B sample
+# (store/feedback.py).
 # KEYS: job, finished marker, pending set, [day hash].
 # ARGV: ttl, recovery_after, n, pairs, [day ttl, bill].
 _CREATE = (
     _CALLBACK_DUE
     + JOB_EVENT
+    + RECORD_OUTCOME
     + _EXISTS
     + _STORE
     + """
@@ -160,8 +163,10 @@ if #KEYS == 4 then
   redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
   for i = b + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
   redis.call('EXPIRE', KEYS[4], ARGV[b])
-  callback_due(KEYS[1], redis.call('HGET', KEYS[1], 'job_id'))
-  job_event(KEYS[1], redis.call('HGET', KEYS[1], 'job_id'), false)
+  local job_id = redis.call('HGET', KEYS[1], 'job_id')
+  callback_due(KEYS[1], job_id)
+  record_outcome(KEYS[1], job_id)
+  job_event(KEYS[1], job_id, false)
   return 1
 end
 """
@@ -197,13 +202,15 @@ if hit then return hit end
 # Returns 1 (written), 0 (already finished) or -1 (lease lost, the job not finished).
 # The bill also goes to the tenant's quota counters (tokens today, spend this month, on
 # Redis's clock) and turns the job's budget reservation into spend (store/quotas.py); a job
-# with a callback is due for its webhook (_CALLBACK_DUE).
+# with a callback is due for its webhook (_CALLBACK_DUE); a job that ran to succeeded or
+# failed is sampled for its program's A/B report (store/feedback.py: record_outcome).
 # KEYS: job, finished marker, pending set, lease, wake set, [day hash, quota hash,
 # in-flight hash, in-flight deadlines].
 # ARGV: ttl, job id, token, n, pairs, [day ttl, model, tokens, nano-USD, keep s, bill].
 _FINISH = (
     _CALLBACK_DUE
     + JOB_EVENT
+    + RECORD_OUTCOME
     + quotas.CALENDAR
     + quotas.SPEND_FUNCTION
     + """
@@ -229,6 +236,7 @@ if #KEYS == 9 then
               ARGV[b + 4]})
 end
 callback_due(KEYS[1], ARGV[2])
+record_outcome(KEYS[1], ARGV[2])
 job_event(KEYS[1], ARGV[2], false)
 local waiting = redis.call('SMEMBERS', KEYS[5])
 if #waiting > 0 then

@@ -240,6 +240,9 @@ def _publish_duplicates(chaos: ChaosStack, ids: list[str]) -> int:
     return len(chosen)
 
 
+# Serial: its bound on provider calls assumes that no live owner's 3 s lease lapses, which a
+# neighbouring module's load on 2 cores could make happen.
+@pytest.mark.serial
 def test_kills_duplicates_and_slow_calls_bill_every_job_once(chaos: ChaosStack) -> None:
     chaos.env.update(SHORT_REDELIVERY)
     # 10 % of calls hang for SLOW_SECONDS before answering; the rest take 30 ms.
@@ -262,14 +265,9 @@ def test_kills_duplicates_and_slow_calls_bill_every_job_once(chaos: ChaosStack) 
         # Only one worker runs at a time: every job still "running" now was the dead one's.
         running_at_kills.append(sum(s == "running" for s in chaos.statuses(ids).values()))
         worker = chaos.start_worker()
+    # Well inside pytest's 300 s timeout: a job left unfinished fails with the statuses.
     final = chaos.wait_all(ids, timeout=200)
     elapsed = time.monotonic() - t0
-    import collections, sys
-    print(collections.Counter(final.values()), file=sys.stderr)
-    stuck = [j for j, s in final.items() if s != "succeeded"][:3]
-    for j in stuck:
-        print(j, chaos.redis.hgetall(f"dspy_fleet:job:{j}"), file=sys.stderr)
-    import shutil; shutil.copytree(chaos.dir, "/tmp/chaosdbg", dirs_exist_ok=True)
     calls = chaos.mock.stats()["chat_completions"]
     bound = JOBS + sum(running_at_kills)
     left_to_owner = sum(w.log_path.read_text().count("leaving it to its owner")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
-from tests.chaos.conftest import ChaosStack, assert_billed_once, post_many
+from kombu.transport.redis import Channel
+
+from dspy_fleet.broker.celery_config import celery_config
+from dspy_fleet.settings import CommonSettings
+from tests.chaos.conftest import FAST_REDELIVERY, ChaosStack, assert_billed_once, post_many
 
 # 2,000 with duplicates and slow calls too is tests/chaos/test_exactly_once.py; here the
 # jobs come through the API, and 600 are enough for three kills mid-run.
@@ -98,3 +103,44 @@ def test_a_job_whose_message_never_reached_the_broker_is_recovered(chaos: ChaosS
     print(f"\nlost message republished and done after {time.monotonic() - t0:.1f} s")
     assert final[message.job_id] == "succeeded"
     assert store.get(message.job_id)["outputs"] == {"answer": "42"}
+
+
+def test_a_worker_killed_inside_a_restore_pass_stalls_redelivery_only_briefly(
+    chaos: ChaosStack,
+) -> None:
+    """A worker SIGKILLed while it held kombu's restore lock (``unacked_mutex``) leaves the
+    lock to expire on its own; until then no worker restores the messages dead workers had
+    taken. Built here exactly as such a death leaves Redis: jobs taken off the queue into
+    kombu's unacked records, long enough ago to be due, and the lock held with the expiry
+    our workers set. With kombu's default (300 s) these jobs waited 5 minutes."""
+    chaos.start_api()
+    bodies = [{"input": f"restore {i}", "use_cache": False, "priority": "batch"} for i in range(5)]
+    ids = [r.json()["id"] for r in post_many(chaos.api.url, bodies)]
+    r = chaos.redis
+    # No worker yet: the jobs' messages wait in the queue; move them where a worker that
+    # took them and died leaves them (kombu's QoS.append).
+    visibility = int(FAST_REDELIVERY["DSPY_FLEET_VISIBILITY_TIMEOUT_SECONDS"])
+    for _ in ids:
+        payload = json.loads(r.rpop("batch"))
+        tag = payload["properties"]["delivery_tag"]
+        info = payload["properties"]["delivery_info"]
+        r.hset(
+            Channel.unacked_key, tag, json.dumps([payload, info["exchange"], info["routing_key"]])
+        )
+        r.zadd(Channel.unacked_index_key, {tag: time.time() - visibility - 1})
+    assert r.llen("batch") == 0
+    settings = CommonSettings(
+        redis_url=chaos.redis_url,
+        restore_sweep_seconds=int(FAST_REDELIVERY["DSPY_FLEET_RESTORE_SWEEP_SECONDS"]),
+    )
+    transport = celery_config(settings)["broker_transport_options"]
+    expire = transport.get("unacked_mutex_expire", Channel.unacked_mutex_expire)
+    # What the dead holder's redis-py Lock left: its token, with the lock's expiry.
+    assert r.set(Channel.unacked_mutex_key, "a-killed-worker", px=int(expire * 1000), nx=True)
+    t0 = time.monotonic()
+    chaos.start_worker()
+    final = chaos.wait_all(ids, timeout=60)
+    took = time.monotonic() - t0
+    print(f"\nrestore lock held {expire} s: the dead worker's 5 jobs ended {took:.1f} s later")
+    assert all(s == "succeeded" for s in final.values()), final
+    assert chaos.mock.stats()["chat_completions"] == 5

@@ -418,6 +418,10 @@ def test_alerts_and_panels_against_a_real_prometheus(live: Live) -> None:
                 body = {"input": f"healthy {i}?", "model": "mock", "wait": 20}
                 resp = http.post("/v1/predict", json=body)
                 assert resp.json()["status"] == "succeeded", resp.text
+                # Judged, for the feedback panels.
+                job = resp.json()["id"]
+                judged = http.post(f"/v1/predictions/{job}/feedback", json={"score": i / 5})
+                assert judged.status_code == 201, judged.text
 
         pair(0)
         # A counter's first increments happen before its series exists, so rate() cannot

@@ -55,7 +55,7 @@ SPEC_FAMILIES = {
 # job enqueued, a Celery task): right after start-up they show their "no data" text
 # (fieldConfig.defaults.noValue), and say so in their description. Every other panel has a
 # value even then; under traffic all have (test_live_prometheus.py checks both).
-IDLE_NO_DATA = {2, 3, 4, 5, 6, 9, 10, 11, 12, 13, 17, 23, 24, 27, 28}
+IDLE_NO_DATA = {2, 3, 4, 5, 6, 9, 10, 11, 12, 13, 17, 23, 24, 27, 28, 30, 31, 32, 33}
 # Series Prometheus makes itself (not exported by any process of the stack).
 PROMETHEUS_SERIES = {"up"}
 # Series that exist only once pacing has something to show: the gauges for a model with a
@@ -316,7 +316,8 @@ def stack_samples(
     redis_server: RedisServer,
 ) -> set[str]:
     """Sample names scraped from the api, a worker, celery-exporter and Flower after real
-    traffic: a prediction that succeeds and a malformed message that fails."""
+    traffic: a prediction that succeeds (and is given feedback) and a malformed message that
+    fails."""
     exporter_metrics = celery_exporter.url + "/metrics"
     poll(lambda: any(n == "celery_worker_up" and v for n, _, v in scrape(exporter_metrics)), 30)
     api_client = httpx.Client(base_url=api.url, timeout=30)
@@ -326,6 +327,8 @@ def stack_samples(
     bad = str(uuid.uuid4())
     producer.send_task(TASK_NAME, kwargs={"job_id": bad}, task_id=bad, queue="batch")
     poll(lambda: api_client.get(f"/v1/predictions/{bad}").json().get("status") == "failed", 20)
+    judged = api_client.post(f"/v1/predictions/{ok.json()['id']}/feedback", json={"score": 0.8})
+    assert judged.status_code == 201, judged.text
 
     def celery_seen() -> bool:
         names = {n for n, _, _ in scrape(celery_exporter.url + "/metrics")}
@@ -366,6 +369,8 @@ API_FAMILIES = {
     "dspy_api_wait_wakeups_total",  # what woke them (api/waiter.py)
     "dspy_rate_limit_effective_rpm",  # the pacer's state in Redis, read at scrape time
     "dspy_rate_limit_configured_rpm",
+    "dspy_feedback_total",  # feedback posted (api/routes/feedback.py)
+    "dspy_feedback_score",
 }
 WORKER_FAMILIES = {
     "dspy_predictions_total",

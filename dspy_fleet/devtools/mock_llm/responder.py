@@ -325,6 +325,23 @@ def _schema_fields(response_format: Any) -> list[OutputField]:
     ]
 
 
+def demo_casing(messages: list[dict[str, Any]], texts: list[str]) -> set[str]:
+    """The output fields that every few-shot demo writes in capitals.
+
+    DSPy's ChatAdapter sends each demo as a user turn and an assistant turn before the
+    real question; the mock imitates one trait of them, as a model would: a string field
+    whose every demo value (with letters) is upper case is answered in upper case too.
+    """
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    seen: dict[str, list[str]] = {}
+    for i, (message, text) in enumerate(zip(messages, texts, strict=True)):
+        if i < last_user and message.get("role") == "assistant":
+            for name, value in input_values(text).items():
+                if name != "completed" and any(c.isalpha() for c in value):
+                    seen.setdefault(name, []).append(value)
+    return {name for name, values in seen.items() if all(v.isupper() for v in values)}
+
+
 def respond(body: dict[str, Any], choice_index: int = 0) -> Reply:
     """Build the deterministic reply for an OpenAI chat-completions request body."""
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
@@ -357,6 +374,9 @@ def respond(body: dict[str, Any], choice_index: int = 0) -> Reply:
         content = str(number) if number is not None else f"Mock response {digest[:8]}: {snippet}"
     else:
         data = {f.name: values.for_field(f) for f in fields}
+        for name in demo_casing(messages, texts) & data.keys():
+            if isinstance(data[name], str):
+                data[name] = data[name].upper()
         wants_json = "Outputs will be a JSON object" in system or (
             isinstance(response_format, dict) and response_format.get("type") != "text"
         )
