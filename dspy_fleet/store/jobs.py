@@ -88,28 +88,28 @@ end
 """
 )
 
-# Append the job's current status to its event log (EVENTS_PREFIX): see the comment there.
-# ``wake``: also publish the job id on the channel of each API process in the job's wake
-# set, so its event streams read on at once (the finish script publishes by itself, and
-# then drops the set). Called after the record was written, by every script that changes
-# a job's status (here, in worker/recovery.py and in dspy_fleet/store/leases.py). The
-# stream and wake keys are named from the job id (not in KEYS), like _CALLBACK_DUE's.
+# Append the job's current status to its event log (EVENTS_PREFIX): see the comment there,
+# with the record's fields ``names`` (the caller knows which belong to its status; no script
+# names a status itself: tests/test_owners.py). ``wake``: also publish the job id on the
+# channel of each API process in the job's wake set, so its event streams read on at once
+# (the finish script publishes by itself, and then drops the set). Called after the record
+# was written, by every script that changes a job's status (here, in worker/recovery.py and
+# in dspy_fleet/store/leases.py). The list and wake keys are named from the job id (not in
+# KEYS), like _CALLBACK_DUE's.
 JOB_EVENT = (
     f"local EVENTS, WAKE, EVENTS_MAXLEN = '{EVENTS_PREFIX}', '{WAKE_PREFIX}', {EVENTS_MAXLEN}\n"
     + """
-local function job_event(job_key, job_id, wake)
-  local f = redis.call('HMGET', job_key, 'status', 'attempts', 'retry_in_seconds', 'error',
-                       'throttled_until', 'throttle_reason')
-  if not f[1] then return end
+local function job_event(job_key, job_id, wake, names)
+  local status = redis.call('HGET', job_key, 'status')
+  if not status then return end
   local key = EVENTS .. job_id
   local last = redis.call('LINDEX', key, -1)
   local t = redis.call('TIME')
-  local entry = {n = last and cjson.decode(last).n + 1 or 1, status = f[1],
+  local entry = {n = last and cjson.decode(last).n + 1 or 1, status = status,
                  t = string.format('%s.%06d', t[1], tonumber(t[2]))}
-  local names = {'attempts', 'retry_in_seconds', 'error', 'throttled_until', 'throttle_reason'}
-  local wanted = {running = {1}, retrying = {1, 2, 3}, throttled = {4, 5}}
-  for _, i in ipairs(wanted[f[1]] or {}) do
-    if f[i + 1] then entry[names[i]] = f[i + 1] end
+  for _, name in ipairs(names or {}) do
+    local value = redis.call('HGET', job_key, name)
+    if value then entry[name] = value end
   end
   redis.call('RPUSH', key, cjson.encode(entry))
   redis.call('LTRIM', key, -EVENTS_MAXLEN, -1)
@@ -265,7 +265,7 @@ redis.call('HDEL', KEYS[1], 'lease')
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[3], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[2]), ARGV[3])
-job_event(KEYS[1], ARGV[3], true)
+job_event(KEYS[1], ARGV[3], true, {'attempts', 'retry_in_seconds', 'error'})
 return 1
 """
 )
@@ -293,7 +293,7 @@ redis.call('HDEL', KEYS[1], 'lease')
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[3], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[2]), ARGV[3])
-job_event(KEYS[1], ARGV[3], true)
+job_event(KEYS[1], ARGV[3], true, {'throttled_until', 'throttle_reason'})
 return 1
 """
 )
@@ -341,7 +341,7 @@ local function job_start(K, A)
   local t = redis.call('TIME')
   local job_id = redis.call('HGET', K[1], 'job_id')
   redis.call('ZADD', K[3], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(A[3]) / 1000, job_id)
-  job_event(K[1], job_id, true)
+  job_event(K[1], job_id, true, {'attempts'})
   return {status or '', attempt}
 end
 """

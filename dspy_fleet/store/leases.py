@@ -38,7 +38,7 @@ for i = 2, #KEYS, 2 do
     -- still hold it (nobody claimed it since), so it is running again.
     if redis.call('HGET', KEYS[i], 'status') == ARGV[2] then
       redis.call('HSET', KEYS[i], 'status', ARGV[3])
-      job_event(KEYS[i], id, true)
+      job_event(KEYS[i], id, true, {'attempts'})
     end
     redis.call('ZADD', KEYS[1], 'XX', expiry, id)
   else
