@@ -81,7 +81,8 @@ end
 
 # Store one source's feedback on a succeeded job, replacing that source's earlier one.
 # KEYS: job, feedback zset, scores hash. ARGV: job id, source, JSON, score, keep s, cap,
-# trim batch, the status succeeded. Returns {'missing'} | {'status', <status>} | {'ok', replaced 0/1, variant}.
+# trim batch, the status succeeded.
+# Returns {'missing'} | {'status', <status>} | {'ok', replaced 0/1, variant}.
 _POST = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'variant', 'tenant')
 if not f[1] then return {'missing'} end
