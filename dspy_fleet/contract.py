@@ -47,6 +47,9 @@ JobStatus = Literal[ActiveStatus, TerminalStatus]
 JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 # A job in one of these has ended: it is never run again and its record is final.
 TERMINAL_STATUSES: frozenset[str] = frozenset(get_args(TerminalStatus))
+# The terminal statuses of a job that ran (a cancelled job never did): what the A/B
+# report samples (dspy_fleet/store/feedback.py).
+RAN_STATUSES: frozenset[str] = TERMINAL_STATUSES - {"cancelled"}
 # Per-field size limit of inputs (characters); the body limit (413) caps the total.
 MAX_FIELD_CHARS = 100_000
 # Longest callback URL accepted (browsers and proxies commonly cap URLs near 2,048).

@@ -239,7 +239,7 @@ def test_outcomes_and_feedback_are_trimmed_to_their_cap(server: RedisServer) -> 
         out = cap_store._post(
             keys=[JobStore.key(f"cap-{i}"), feedback.FEEDBACK_PREFIX + "capped",
                   feedback.SCORES_PREFIX + "capped"],
-            args=[f"cap-{i}", "s", "{}", "1.0", feedback.KEEP_SECONDS, 3, 100],
+            args=[f"cap-{i}", "s", "{}", "1.0", feedback.KEEP_SECONDS, 3, 100, "succeeded"],
         )  # fmt: skip
         assert out[0] == "ok"
     assert client.zcard(feedback.FEEDBACK_PREFIX + "capped") == 3

@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ class LoadedProgram:
     module: dspy.Module
     input_fields: tuple[str, ...]
     output_fields: tuple[str, ...]
-    # Changes whenever the signature, predictor or saved state changes, so a
-    # cache keyed on it never serves outputs of an older program.
+    # Changes whenever the signature, predictor, saved state or (for a ``module:`` program)
+    # its package's code changes, so a cache keyed on it never serves outputs of an older
+    # program.
     version: str
 
 
@@ -106,7 +108,42 @@ def _fields(module: dspy.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return inputs, outputs
 
 
+# Packages whose code is not the program's own: a change there is an upgrade of the
+# service (a new image), not of a program.
+_NOT_PROGRAM_CODE = frozenset({"dspy", "litellm", "dspy_fleet", "worker"}) | frozenset(
+    sys.stdlib_module_names
+)
+
+
+def code_files(module: dspy.Module) -> list[tuple[str, Path]]:
+    """The source files a ``module:`` program's behaviour comes from, as sorted
+    ``(name, path)`` pairs, the name relative to the package (``pkg/sub/mod.py``): every
+    ``.py`` file of the top-level package (or the single module) that defines the
+    program's class, its base classes and the classes of its sub-modules, leaving out DSPy,
+    LiteLLM, this service and the standard library. Whole packages, not only the files
+    loaded so far: ``forward()`` may call a helper module imported later."""
+    classes = [c for c in type(module).__mro__ if c is not object]
+    classes += [type(sub) for _, sub in module.named_sub_modules()]
+    tops = {c.__module__.split(".")[0] for c in classes} - _NOT_PROGRAM_CODE
+    files: dict[str, Path] = {}
+    for top in tops:
+        origin = getattr(sys.modules.get(top), "__file__", None)
+        if origin is None:
+            continue  # a namespace package, or defined in __main__ without a file
+        path = Path(origin).resolve()
+        if path.name != "__init__.py":
+            files[path.name] = path
+            continue
+        for file in path.parent.rglob("*.py"):
+            if "__pycache__" not in file.parts:
+                files[f"{top}/{file.relative_to(path.parent).as_posix()}"] = file
+    return sorted(files.items())
+
+
 def _version(cfg: ProgramConfig, module: dspy.Module, state: Path | None) -> str:
+    """16 hex digits of SHA-256 over the program's config (not its variants or description),
+    its predictors' signatures and instructions, its saved state and its code files
+    (:func:`code_files`, each by its name and content)."""
     h = hashlib.sha256()
     h.update(
         json.dumps(
@@ -118,6 +155,11 @@ def _version(cfg: ProgramConfig, module: dspy.Module, state: Path | None) -> str
         h.update(str(predictor.signature.instructions).encode())
     if state is not None:
         h.update(state.read_bytes())
+    if cfg.module is not None:
+        for name, path in code_files(module):
+            # By name and content, not by absolute path: two pods (or checkouts) with the
+            # same code get the same version.
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -34,6 +34,8 @@ from typing import Any, cast
 
 import redis
 
+from dspy_fleet.contract import RAN_STATUSES
+
 OUTCOMES_PREFIX = "dspy_fleet:outcomes:"
 FEEDBACK_PREFIX = "dspy_fleet:feedback:"
 SCORES_PREFIX = "dspy_fleet:feedback_scores:"
@@ -50,11 +52,12 @@ SEP = "|"
 RECORD_OUTCOME = (
     f"""
 local OUTCOMES, OUT_KEEP, OUT_CAP = '{OUTCOMES_PREFIX}', {KEEP_SECONDS}, {CAP}
+local SAMPLED = {{{", ".join(f"{s} = true" for s in sorted(RAN_STATUSES))}}}
 """
     + """
 local function record_outcome(job_key, job_id)
   local f = redis.call('HMGET', job_key, 'program', 'variant', 'status', 'cost', 'tenant')
-  if not f[1] or (f[3] ~= 'succeeded' and f[3] ~= 'failed') then return end
+  if not f[1] or not SAMPLED[f[3]] then return end
   local latency, usd, cached = '', '', '0'
   if f[4] then
     local ok, cost = pcall(cjson.decode, f[4])
@@ -78,11 +81,12 @@ end
 
 # Store one source's feedback on a succeeded job, replacing that source's earlier one.
 # KEYS: job, feedback zset, scores hash. ARGV: job id, source, JSON, score, keep s, cap,
-# trim batch. Returns {'missing'} | {'status', <status>} | {'ok', replaced 0/1, variant}.
+# trim batch, the status succeeded.
+# Returns {'missing'} | {'status', <status>} | {'ok', replaced 0/1, variant}.
 _POST = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'variant', 'tenant')
 if not f[1] then return {'missing'} end
-if f[1] ~= 'succeeded' then return {'status', f[1]} end
+if f[1] ~= ARGV[8] then return {'status', f[1]} end
 local field = 'feedback:' .. ARGV[2]
 local replaced = redis.call('HEXISTS', KEYS[1], field)
 redis.call('HSET', KEYS[1], field, ARGV[3])
@@ -174,7 +178,7 @@ class FeedbackStore:
         out = self._post(
             keys=[JobStore.key(job_id), FEEDBACK_PREFIX + program, SCORES_PREFIX + program],
             args=[job_id, source, doc, repr(float(body["score"])), KEEP_SECONDS, CAP,
-                  _TRIM_BATCH],
+                  _TRIM_BATCH, "succeeded"],
         )  # fmt: skip
         status = _text(out[0])
         if status == "ok":
