@@ -75,6 +75,10 @@ timeout = int(_settings.max_wait_seconds) + 30
 # SIGTERM: stop accepting, let in-flight requests (including waits) finish.
 graceful_timeout = int(_settings.max_wait_seconds) + 5
 keepalive = 5
+# The longest request line gunicorn allows short of no limit (its default, 4094, answers a
+# batch's percent-encoded callback_url of 2,048 characters with an HTML 414 before the app
+# can answer in its one error format).
+limit_request_line = 8190
 control_socket_disable = True
 accesslog = None  # the app logs each request itself, as JSON, with its request id
 

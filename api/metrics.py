@@ -65,6 +65,12 @@ WAITS_HELD = Gauge(
     "Requests held by wait right now.",
     multiprocess_mode="livesum",
 )
+# Event streams open right now (api/routes/events.py), summed over the live gunicorn workers.
+STREAMS_OPEN = Gauge(
+    "dspy_api_event_streams_open",
+    "Server-Sent Event streams open right now.",
+    multiprocess_mode="livesum",
+)
 # Jobs whose held requests were woken (api/waiter.py), by what woke them: "notification"
 # (the finish script's PUBLISH) or "sweep" (the fallback read found the job ended: a
 # notification that never came; a steady rate of these means notifications are lost).

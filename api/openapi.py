@@ -73,6 +73,30 @@ CALLBACK_ITEMS = _query(
 )
 OBJ = {"type": "object"}
 E = schemas.ErrorResponse
+SSE = "text/event-stream"
+
+
+def _last_event_id(pattern: str, what: str) -> dict[str, Any]:
+    return {"name": "Last-Event-ID", "in": "header", "required": False,
+            "description": f"Resume after this event: {what}",
+            "schema": {"type": "string", "pattern": pattern}}  # fmt: skip
+
+
+JOB_EVENT_ID = _last_event_id(
+    r"^[0-9]{1,9}$",
+    "the `id` of an event this prediction's stream sent (its number in the job's log: 1, 2, "
+    "...). Only the events after it are sent.",
+)
+BATCH_EVENT_ID = _last_event_id(
+    r"^[a-z_]{1,20}(\.[0-9]{1,9}){5}$",
+    "the `id` of an event this batch's stream sent (it names a snapshot of the counts). The "
+    "current snapshot is sent only if it differs.",
+)
+STREAM_ERRORS = {
+    "422": ("`Last-Event-ID` is not an id this stream sends.", E),
+    "429": ("Over the process's or the tenant's cap of held requests (`rate_limited`); "
+            "retry after `Retry-After`.", E),
+}  # fmt: skip
 
 OPERATIONS: list[Op] = [
     Op("get", "/", "Service name, version and links", "service", {"200": ("Links.", OBJ)},
@@ -108,6 +132,17 @@ OPERATIONS: list[Op] = [
         "422": ("`wait` out of range.", E)},
        params=[JOB_ID, _query("wait", {"type": "number", "minimum": 0, "maximum": 60},
                               "Long-poll: seconds to wait for the job to end.")]),
+    Op("get", "/v1/predictions/<job_id>/events", "A prediction's events (Server-Sent Events)",
+       "predictions",
+       {"200": ("`text/event-stream`: `status` events (data `{id, status, at, attempt?, "
+                "retry_in_seconds?, error?, throttled_until?, throttle_reason?}`) at each "
+                "status change, then one `result` event whose data is the prediction as GET "
+                "returns it, and the stream ends. Each event's `id` resumes after it "
+                "(`Last-Event-ID`); `: keep-alive` comments while nothing happens; the server "
+                "closes a stream after DSPY_FLEET_EVENTS_MAX_SECONDS (reconnect and resume).",
+                SSE),
+        "404": ("No such prediction (or another tenant's).", E), **STREAM_ERRORS},
+       params=[JOB_ID, JOB_EVENT_ID]),
     Op("delete", "/v1/predictions/<job_id>", "Cancel a queued prediction", "predictions",
        {"200": ("Cancelled: it will not run.", schemas.Prediction),
         "404": ("No such prediction.", E),
@@ -150,6 +185,14 @@ OPERATIONS: list[Op] = [
        {"200": ("One JSON line per item that has ended.", (NDJSON, schemas.BatchResultLine)),
         "404": ("No such batch.", E)},
        params=[BATCH_ID]),
+    Op("get", "/v1/batches/<batch_id>/events", "A batch's progress (Server-Sent Events)",
+       "batches",
+       {"200": ("`text/event-stream`: a `progress` event (data `{id, status, counts}`) each "
+                "time the counts change, then one `result` event whose data is the batch "
+                "object once it has ended, and the stream ends. Resumable and bounded like a "
+                "prediction's stream.", SSE),
+        "404": ("No such batch.", E), **STREAM_ERRORS},
+       params=[BATCH_ID, BATCH_EVENT_ID]),
     Op("post", "/v1/batches/<batch_id>/cancel", "Cancel a batch", "batches",
        {"200": ("Queued items are cancelled; running ones finish.", schemas.Batch),
         "404": ("No such batch.", E)},

@@ -46,6 +46,12 @@ class ApiSettings(CommonSettings):
     # Redis connections one API process may open for requests (a bounded pool: thousands
     # of greenlets must not open thousands of connections); the wait subscriber takes one.
     api_redis_connections: int = Field(default=64, ge=2, le=10_000)
+    # Event streams (api/routes/events.py): the longest one stream stays open (the client
+    # then resumes with Last-Event-ID), the keep-alive comment's interval when nothing
+    # happens, and how often a batch stream recounts its items.
+    events_max_seconds: float = Field(default=300.0, ge=1, le=3600)
+    events_keepalive_seconds: float = Field(default=15.0, ge=0.1, le=300)
+    events_batch_poll_seconds: float = Field(default=1.0, ge=0.1, le=60)
     # Requests per second per tenant, fleet-wide in Redis (api/rate_limit.py); 0 = off.
     rate_limit_per_second: float = Field(default=0.0, ge=0)
     # Requests a tenant may send at once above the rate; None = 2 s worth of the rate.

@@ -5,8 +5,12 @@ on the first wait. A waiting request registers the process's channel in its job'
 set and reads the job in one script (:meth:`JobStore.watch`); the script that finishes
 the job publishes its id on every registered channel (one PUBLISH per waiting process,
 none for a job nobody waits for), and the subscriber wakes the requests waiting for it
-in this process. No request polls Redis while it waits: under the gevent worker a held
-request costs a greenlet and its socket, under gthread a thread that sleeps.
+in this process. The scripts that change a job's status on the way (running, retrying,
+throttled, queued again) publish the same way without dropping the set, for the
+process's event streams (api/routes/events.py, :meth:`JobWaiter.notified`); a held
+request woken by one of those reads its job and waits on. No request polls Redis while
+it waits: under the gevent worker a held request costs a greenlet and its socket, under
+gthread a thread that sleeps.
 
 Pub/sub is at-most-once: a message published while the subscriber reconnects is lost.
 So the subscriber also sweeps: right after each (re)subscription, and every
@@ -25,6 +29,8 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -90,6 +96,19 @@ class JobWaiter:
                     event.clear()
                 job = self.store.get(job_id)
             return job
+        finally:
+            self._unregister(job_id, event)
+
+    @contextmanager
+    def notified(self, job_id: str) -> Iterator[threading.Event]:
+        """An event set whenever a notification names ``job_id`` (any status change it
+        publishes, see JOB_EVENT in dspy_fleet/store/jobs.py) or a sweep finds it ended,
+        for the block. The caller registers this process's channel in the job's wake set
+        (:meth:`JobStore.watch`) after entering, then reads: nothing is missed between."""
+        event = threading.Event()
+        self._register(job_id, event)
+        try:
+            yield event
         finally:
             self._unregister(job_id, event)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -124,6 +125,50 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return float(resp.headers["Retry-After"])
     except (KeyError, ValueError):
         return None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One Server-Sent Event of an event stream.
+
+    ``event``: ``status`` / ``result`` (predictions) or ``progress`` / ``result`` (batches);
+    ``id``: the event's id (pass it as ``last_event_id`` to resume after it; None when the
+    server gave none); ``data``: its JSON data, parsed; ``retry_ms``: the reconnect delay
+    the server asked for in this block (None when it named none)."""
+
+    event: str | None
+    id: str | None
+    data: Any
+    retry_ms: int | None = None
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[Event]:
+    """Server-Sent Events from the stream's lines (the WHATWG rules: comments skipped, a
+    blank line ends an event, ``data`` lines joined with newlines, parsed as JSON)."""
+    event: str | None = None
+    event_id: str | None = None
+    data: list[str] = []
+    retry: int | None = None
+    for line in lines:
+        if line == "":
+            if data or retry is not None:
+                text = "\n".join(data)
+                parsed = json.loads(text) if data else None
+                yield Event(event or ("message" if data else None), event_id, parsed, retry)
+            event, event_id, data, retry = None, None, [], None
+            continue
+        if line.startswith(":"):
+            continue  # a comment (keep-alive)
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            event_id = value
+        elif name == "retry" and value.isdigit():
+            retry = int(value)
 
 
 class FleetClient:
@@ -341,6 +386,81 @@ class FleetClient:
                         yield json.loads(line)
         except httpx.HTTPError as exc:
             raise TransportError("connection_error", f"GET {path} failed: {exc}") from exc
+
+    # -- event streams ----------------------------------------------------------------------
+
+    def iter_events(
+        self, job_id: str, *, last_event_id: str | None = None, reconnects: int = 5
+    ) -> Iterator[Event]:
+        """GET /v1/predictions/<id>/events: the prediction's events, ending with its result.
+
+        Yields :class:`Event` s: ``status`` (data {id, status, at, attempt?,
+        retry_in_seconds?, error?, throttled_until?, throttle_reason?}) for each status
+        change, then one ``result`` (data: the prediction as :meth:`get` returns it, as a
+        dict), after which the iterator ends. ``last_event_id`` resumes after an event a
+        previous stream sent. A dropped connection, or a stream the server closed at its
+        maximum duration, is reconnected with ``Last-Event-ID`` after the server's
+        ``retry`` interval, so no event is missed or repeated; ``TransportError`` after
+        ``reconnects`` attempts in a row that brought no event. Errors before the stream
+        starts raise as the other calls do (``NotFoundError`` for an unknown id or another
+        tenant's; ``RateLimitedError`` is retried after its ``retry_after``)."""
+        yield from self._events(f"/v1/predictions/{job_id}/events", last_event_id, reconnects)
+
+    def iter_batch_events(
+        self, batch_id: str, *, last_event_id: str | None = None, reconnects: int = 5
+    ) -> Iterator[Event]:
+        """GET /v1/batches/<id>/events: ``progress`` events (data {id, status, counts}) as the
+        batch's counts change, then one ``result`` (data: the batch object) once it ended.
+        Reconnects like :meth:`iter_events`; a snapshot equal to the last one received is
+        not sent again."""
+        yield from self._events(f"/v1/batches/{batch_id}/events", last_event_id, reconnects)
+
+    def _events(self, path: str, last_id: str | None, reconnects: int) -> Iterator[Event]:
+        retry_s = 1.0
+        failures = 0
+        # Reads wait for the server's keep-alive comments (every 15 s by default).
+        timeout = httpx.Timeout(max(self.timeout.read or 0.0, 60.0), connect=self.timeout.connect)
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_id is not None:
+                headers["Last-Event-ID"] = last_id
+            got_event = False
+            try:
+                with self._http.stream("GET", path, headers=headers, timeout=timeout) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        err = error_from(resp)
+                        if resp.status_code not in (429, 502, 503, 504):
+                            raise err
+                        failures += 1
+                        if failures > reconnects:
+                            raise err
+                        time.sleep(err.retry_after or retry_s)
+                        continue
+                    for event in parse_sse(resp.iter_lines()):
+                        if event.retry_ms is not None:
+                            retry_s = event.retry_ms / 1000
+                        if event.event is None:
+                            continue  # a retry-only block
+                        got_event = True
+                        if event.id is not None:
+                            last_id = event.id
+                        yield event
+                        if event.event == "result":
+                            return
+            except httpx.HTTPError as exc:
+                if got_event:
+                    failures = 0
+                failures += 1
+                if failures > reconnects:
+                    raise TransportError("connection_error", f"GET {path} failed: {exc}") from exc
+                time.sleep(retry_s)
+                continue
+            # The server closed the stream before the result (its maximum duration): resume.
+            failures = 0 if got_event else failures + 1
+            if failures > reconnects:
+                raise TransportError("stream_closed", f"GET {path} ended without a result")
+            time.sleep(retry_s)
 
     def wait_batch(self, batch_id: str, *, timeout: float = 600.0, interval: float = 0.5) -> Batch:
         """Poll until the batch has no pending items; a ``wait_timeout`` FleetError after."""

@@ -26,7 +26,10 @@ EXCLUDED = "positive_data_acceptance"
 def test_fuzz_the_api_from_its_openapi_document(mock_llm: MockLLM, tmp_path: Path) -> None:
     server = RedisServer(log_path=tmp_path / "redis.log").start()
     worker = start_worker(server.url, mock_llm.url, tmp_path / "worker.log", wait=False)
-    api = start_api(server.url, mock_llm.url, tmp_path / "api.log", wait=False)
+    # An event stream the fuzzer opens on a job it created ends with the job, and at the
+    # latest after 5 s (the route's maximum duration), never at the request timeout.
+    api = start_api(server.url, mock_llm.url, tmp_path / "api.log", wait=False,
+                    DSPY_FLEET_EVENTS_MAX_SECONDS="5")  # fmt: skip
     try:
         wait_all_ready(worker, api)  # started side by side
         proc = subprocess.run(

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple, Protocol
 import redis
 
 from dspy_fleet.contract import TERMINAL_STATUSES
-from dspy_fleet.store.jobs import KEY_PREFIX, LEASE_PREFIX, PENDING_KEY
+from dspy_fleet.store.jobs import JOB_EVENT, KEY_PREFIX, LEASE_PREFIX, PENDING_KEY
 
 log = logging.getLogger("dspy_fleet.recovery")
 
@@ -57,13 +57,14 @@ _LUA_TERMINAL = (
 # Take up to ARGV[1] due jobs. Those whose next step needs no look at the broker happen
 # here, atomically with the take: ended or expired → out of the index; running under a
 # live lease → re-scored to its expiry; retrying (due) or running with a lapsed lease →
-# status queued, to be published by the caller. Queued jobs are re-scored ARGV[2]
-# seconds ahead and returned for the watermark check.
+# status queued (an event in the job's log), to be published by the caller. Queued jobs
+# are re-scored ARGV[2] seconds ahead and returned for the watermark check.
 # KEYS: pending set. ARGV: limit, hold s, recovery_after s, job prefix, lease prefix,
 # the statuses queued, running, retrying and throttled.
 # Returns {now, {id, kind, message, queue, request_id, enqueued_at, suspect}...}.
 _TAKE = (
     _LUA_TERMINAL
+    + JOB_EVENT
     + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -95,6 +96,7 @@ for _, id in ipairs(due) do
     redis.call('HSET', job, 'status', ARGV[6], 'enqueued_at', string.format('%.6f', now))
     redis.call('HDEL', job, 'suspect')
     redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
+    job_event(job, id, true)
     out[#out + 1] = {id, kind, f[2], f[3] or false, f[4] or false, false, false}
   else
     redis.call('ZREM', KEYS[1], id)

@@ -17,6 +17,7 @@ import redis
 from dspy_fleet.broker.producer import read_jobs, result_line
 from dspy_fleet.contract import TERMINAL_STATUSES, utcnow
 from dspy_fleet.store.jobs import BATCH_PREFIX
+from dspy_fleet.store.jobs import KEY_PREFIX as JOB_PREFIX
 
 KEY_PREFIX = BATCH_PREFIX
 # Items read per Redis pipeline when counting or streaming results.
@@ -93,6 +94,26 @@ class BatchStore:
             jobs = dict(zip(ids, read_jobs(self.client, ids), strict=True)) if ids else {}
             yield [(e, jobs.get(e.get("job_id", ""))) for e in chunk]
 
+    def statuses(self, batch_id: str) -> Iterator[list[str]]:
+        """Each chunk of items' statuses (as :func:`item_status`), reading only each job's
+        ``status`` field: one pipelined round trip per chunk."""
+        for chunk in self.entries(batch_id):
+            ids = [e["job_id"] for e in chunk if "job_id" in e]
+            with self.client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hget(JOB_PREFIX + job_id, "status")
+                found = dict(zip(ids, pipe.execute(), strict=True)) if ids else {}
+            yield [
+                "failed"
+                if "error" in e or found.get(e["job_id"]) is None
+                else _text(found[e["job_id"]])
+                for e in chunk
+            ]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
 
 def item_status(entry: dict[str, Any], job: dict[str, Any] | None) -> str:
     """One item's status: a job status, or failed for invalid and expired items."""
@@ -129,9 +150,8 @@ def item_line(entry: dict[str, Any], job: dict[str, Any] | None) -> dict[str, An
 def summarize(store: BatchStore, batch_id: str, meta: dict[str, str]) -> dict[str, Any]:
     """Counts and status of a batch, from its items' jobs."""
     counts = {"total": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "pending": 0}
-    for chunk in store.with_jobs(batch_id):
-        for entry, job in chunk:
-            status = item_status(entry, job)
+    for chunk in store.statuses(batch_id):
+        for status in chunk:
             counts["total"] += 1
             counts[status if status in TERMINAL_STATUSES else "pending"] += 1
     cancelling = "cancelled_at" in meta

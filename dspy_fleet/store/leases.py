@@ -17,14 +17,16 @@ import threading
 
 import redis
 
-from dspy_fleet.store.jobs import KEY_PREFIX, LEASE_PREFIX, PENDING_KEY
+from dspy_fleet.store.jobs import JOB_EVENT, KEY_PREFIX, LEASE_PREFIX, PENDING_KEY
 
 log = logging.getLogger("dspy_fleet.worker")
 
 # KEYS: pending set, then job hash and lease key per job. ARGV: lease ms, the statuses
 # queued and running, then job id and token per job. Returns the ids whose lease was
 # taken over (no longer ours).
-_RENEW = """
+_RENEW = (
+    JOB_EVENT
+    + """
 local t = redis.call('TIME')
 local expiry = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[1]) / 1000
 local lost = {}
@@ -36,6 +38,7 @@ for i = 2, #KEYS, 2 do
     -- still hold it (nobody claimed it since), so it is running again.
     if redis.call('HGET', KEYS[i], 'status') == ARGV[2] then
       redis.call('HSET', KEYS[i], 'status', ARGV[3])
+      job_event(KEYS[i], id, true, {'attempts'})
     end
     redis.call('ZADD', KEYS[1], 'XX', expiry, id)
   else
@@ -44,6 +47,7 @@ for i = 2, #KEYS, 2 do
 end
 return lost
 """
+)
 
 
 class LeaseKeeper:
