@@ -371,6 +371,7 @@ API_FAMILIES = {
     "dspy_rate_limit_configured_rpm",
     "dspy_feedback_total",  # feedback posted (api/routes/feedback.py)
     "dspy_feedback_score",
+    "dspy_api_event_streams_open",  # open event streams (api/routes/events.py)
 }
 WORKER_FAMILIES = {
     "dspy_predictions_total",
