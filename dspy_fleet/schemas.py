@@ -101,6 +101,11 @@ class Prediction(_Open):
     program: str | None = None
     model: str | None = None
     variant: str | None = None
+    program_version: str | None = Field(
+        default=None,
+        description="The version of the program state that ran the job (or whose cached "
+        "answer it is), as GET /v1/programs shows it; set once a worker starts the job.",
+    )
     created_at: str | None = None
     request_id: str | None = None
     queue: str | None = None

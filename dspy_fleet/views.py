@@ -25,6 +25,7 @@ _WHEN_SET = (
     "throttled_until",
     "throttle_reason",
     "requested_model",
+    "program_version",
     "outputs",
     "error",
     "cost",

@@ -204,6 +204,8 @@ def test_api_answers_l2_hits_without_queueing(stack: Stack, mock: MockLLM) -> No
     hit = again.json()
     assert hit["cached"] is True and hit["id"] != first["id"]
     assert hit["outputs"] == first["outputs"]
+    # The version whose answer it is: the one that ran the first job.
+    assert hit["program_version"] == first["program_version"] is not None
     assert hit["cost"]["cost_usd"] == 0 and hit["cost"]["attempts"] == 0
     assert hit["cost"]["saved_input_tokens"] == first["cost"]["input_tokens"]
     assert hit["cost"]["saved_output_tokens"] == first["cost"]["output_tokens"]

@@ -35,6 +35,9 @@ def test_submit_then_poll_until_succeeded(api_client: httpx.Client) -> None:
     expected = cost["input_tokens"] * 0.15e-6 + cost["output_tokens"] * 0.6e-6
     assert abs(cost["cost_usd"] - expected) < 1e-12
     assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+    # The version of the program state that ran it, as the catalog shows it.
+    programs = {p["name"]: p for p in api_client.get("/v1/programs").json()["programs"]}
+    assert job["program_version"] == programs[job["program"]]["version"] is not None
 
 
 def test_wait_returns_the_finished_prediction(api_client: httpx.Client) -> None:

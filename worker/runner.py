@@ -110,7 +110,11 @@ def _run(rt: Runtime, msg: JobMessage, *, queue: str) -> dict[str, Any]:
     # Without the cache, the job calls its model at once: its breaker is asked in the
     # same round trip that claims the job (one fewer per job on the hot path).
     ask = rt.breakers.allow_call(planned[0].model) if planned and not msg.use_cache else None
-    claim = rt.store.start(msg.job_id, meta, {"started_at": utcnow()}, then=ask)
+    # The version of the program state this delivery runs (GET /v1/programs shows the same).
+    started: dict[str, Any] = {"started_at": utcnow()}
+    if planned is not None:
+        started["program_version"] = planned[1].version
+    claim = rt.store.start(msg.job_id, meta, started, then=ask)
     if claim.prev in TERMINAL_STATUSES:
         log.info("job already finished; not running it again", extra={"status": claim.prev})
         job = rt.store.get(msg.job_id)

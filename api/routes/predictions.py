@@ -130,6 +130,8 @@ def predict() -> tuple[Response, int]:
     if not isinstance(outcome, CacheHit) and not outcome[1]:
         svc.refund(counted)
     if isinstance(outcome, CacheHit):
+        # A cache key exists only for a known version: the one whose answer this is.
+        record["program_version"] = plan.version
         job = svc.serve_cached(message, record, outcome.entry, started=started)
         _log_fields(job, plan, "answered from cache without queueing", cache="l2")
         return _answer(job, min(req.wait, svc.settings.max_wait_seconds))
