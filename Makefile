@@ -127,7 +127,7 @@ helm-install:
 # Each run starts its own Redis, mock LLM, workers and APIs (ours and bare baselines) on
 # free ports and prints one line per figure. Load comes from wrk (Debian package, installed
 # where apt exists); without it bench/ falls back to a slower Python client.
-.PHONY: bench bench-quick bench-tools
+.PHONY: bench bench-quick bench-tools bench-peer bench-profile
 
 bench-tools:
 	$(call apt_install,wrk,wrk,bench/ uses its slower Python load generator)
@@ -137,3 +137,22 @@ bench: venv bench-tools
 
 bench-quick: venv bench-tools
 	$(BIN)/python -m bench --quick
+
+# The LiteLLM proxy as a peer (issue 18): its own venv, since litellm[proxy] pins what ours
+# does not need. 1.108.7 is the newest release whose proxy extra resolves from the registry.
+PEER_VENV  := .venv-peer
+PEER_STAMP := $(PEER_VENV)/.installed
+
+$(PEER_STAMP):
+	@test -n "$(PYTHON)" || { echo "Python 3.11+ not found on PATH (set PYTHON=/path/to/python3.11)"; exit 1; }
+	@echo "creating $(PEER_VENV) for the LiteLLM proxy ..."
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet 'litellm[proxy]==1.108.7'
+	@touch $@
+
+bench-peer: venv bench-tools $(PEER_STAMP)
+
+# Where one prediction's CPU goes, API and worker apart (py-spy, sampled while holding the GIL).
+bench-profile: venv
+	$(BIN)/python -m pip install --quiet 'py-spy>=0.4'
+	$(BIN)/python -m bench.profile

@@ -37,8 +37,8 @@ class Figure:
     unit: str
     baseline: float
     baseline_unit: str
-    target: str
-    met: bool
+    target: str  # "measured" where the figure only describes the run
+    met: bool | None  # None: no target to meet
     notes: list[str] = field(default_factory=list)
 
     @property
