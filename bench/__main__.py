@@ -6,7 +6,6 @@ then notes and a summary (lines starting with ``#``); progress goes to stderr.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import subprocess
@@ -28,7 +27,7 @@ from bench.figures import (
     worker_throughput,
 )
 from bench.producers import Producers
-from bench.report import MODES, Figure
+from bench.report import MODES, Figure, parse_mode, print_report
 from bench.stack import Stack, start_stack
 from dspy_fleet.devtools.procs import wait_until
 
@@ -103,25 +102,11 @@ def run(mode: str) -> list[Figure]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the mode, run, print."""
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="short runs (under 2 minutes)")
-    group.add_argument("--smoke", action="store_true", help="shortest runs (the test suite's)")
-    args = parser.parse_args(argv)
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = parse_mode("python -m bench", __doc__, argv)
     header = machine()
     started = time.monotonic()
     figures = run(mode)
-    for fig in figures:
-        print(fig.line())
-    print(f"# mode: {mode}, {time.monotonic() - started:.0f} s; " + "; ".join(header))
-    for fig in figures:
-        for note in fig.notes:
-            print(f"# {fig.name}: {note}")
-    targeted = [f for f in figures if f.met is not None]
-    missed = [f.name for f in targeted if not f.met]
-    print(f"# targets met: {len(targeted) - len(missed)}/{len(targeted)}"
-          + (f"; missed: {', '.join(missed)}" if missed else ""))  # fmt: skip
+    print_report(figures, f"mode: {mode}, {time.monotonic() - started:.0f} s; " + "; ".join(header))
     return 0
 
 

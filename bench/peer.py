@@ -17,7 +17,6 @@ target: t)``, the targets being issue 18's:
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import re
@@ -33,7 +32,8 @@ from pathlib import Path
 import httpx
 
 from bench.load import WRK, paced, percentile
-from bench.report import Figure, median, spread
+from bench.report import Figure, median, parse_mode, print_report, spread
+from bench.stack import CONFIG as BENCH_CONFIG
 from bench.stack import peak_rss_mb
 from dspy_fleet.devtools.procs import child_pids, free_port
 from dspy_fleet.devtools.services import Service
@@ -46,17 +46,14 @@ RATE = 50.0  # issue 18: "a steady 50 req/s"
 IN_FLIGHT = 64  # issue 18: "concurrency 64"
 TICKS = os.sysconf("SC_CLK_TCK")
 
-OURS_CONFIG = """
-default_model: mock
-default_program: qa
-models:
-  mock:
-    litellm_model: openai/mock-gpt
-    api_base: ${DSPY_FLEET_MOCK_LLM_URL}
-    timeout: 30
-programs:
-  qa: {signature: "question -> answer"}
-"""
+# The bench's own models file without its engine pin and its failing model: ours runs on the
+# defaults a user gets.
+OURS_CONFIG = (
+    "\n".join(
+        line for line in BENCH_CONFIG.split("  fragile:")[0].splitlines() if "engine" not in line
+    )
+    + '\nprograms:\n  qa: {signature: "question -> answer"}\n'
+)
 
 PEER_CONFIG = """
 model_list:
@@ -308,24 +305,11 @@ def versions() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the mode, run, print."""
-    parser = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="one short round")
-    group.add_argument("--smoke", action="store_true", help="the shortest run")
-    args = parser.parse_args(argv)
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = parse_mode("python -m bench.peer", __doc__, argv)
     header = versions()
     started = time.monotonic()
-    figs = run(mode)
-    for fig in figs:
-        print(fig.line())
-    print(f"# mode: {mode}, {time.monotonic() - started:.0f} s; {header}")
-    for fig in figs:
-        for note in fig.notes:
-            print(f"# {fig.name}: {note}")
-    missed = [f.name for f in figs if f.met is False]
-    print(f"# targets met: {len(figs) - len(missed)}/{len(figs)}"
-          + (f"; missed: {', '.join(missed)}" if missed else ""))  # fmt: skip
+    figures = run(mode)
+    print_report(figures, f"mode: {mode}, {time.monotonic() - started:.0f} s; {header}")
     return 0
 
 

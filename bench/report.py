@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from dataclasses import dataclass, field
 
@@ -67,3 +68,27 @@ def median(values: list[float]) -> float:
 def spread(label: str, values: list[float]) -> str:
     """A note listing each round's value, to show the noise."""
     return f"{label} per round: " + ", ".join(_num(v) for v in values)
+
+
+def parse_mode(prog: str, doc: str | None, argv: list[str] | None) -> str:
+    """``full`` by default, ``quick`` or ``smoke`` from the command line."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="short runs")
+    group.add_argument("--smoke", action="store_true", help="shortest runs (the test suite's)")
+    args = parser.parse_args(argv)
+    return "smoke" if args.smoke else "quick" if args.quick else "full"
+
+
+def print_report(figures: list[Figure], header: str) -> None:
+    """One line per figure on stdout, then ``#`` lines: the header, every note, the targets."""
+    for fig in figures:
+        print(fig.line())
+    print(f"# {header}")
+    for fig in figures:
+        for note in fig.notes:
+            print(f"# {fig.name}: {note}")
+    targeted = [f for f in figures if f.met is not None]
+    missed = [f.name for f in targeted if not f.met]
+    print(f"# targets met: {len(targeted) - len(missed)}/{len(targeted)}"
+          + (f"; missed: {', '.join(missed)}" if missed else ""))  # fmt: skip
