@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,51 @@ class OwnStack(Stack):
         """The (shared) mock LLM its workers call."""
         assert self.mock_llm is not None, "use_mock_llm() first"
         return self.mock_llm
+
+
+def api_keys_setting(keys: Mapping[str, str], admins: Iterable[str] = ()) -> str:
+    """DSPY_FLEET_API_KEYS for ``keys`` (tenant -> plaintext key), hashed as the API keeps
+    them; the tenants in ``admins`` get the admin role."""
+    from api.auth import hash_key  # the API's own hashing, imported only where keys are used
+
+    role = {t: ":admin" for t in admins}
+    return ",".join(f"{t}:{hash_key(k)}{role.get(t, '')}" for t, k in keys.items())
+
+
+@contextmanager
+def running_fleet(
+    base: Path,
+    *,
+    config: str | None = None,
+    keys: Mapping[str, str] | None = None,
+    admins: Iterable[str] = (),
+    mock: MockLLM | None = None,
+    mock_latency_ms: int | None = None,
+    workers: int = 1,
+    **env: str,
+) -> Iterator[OwnStack]:
+    """A module's own fleet in ``base``: Redis, a mock LLM (its own, with ``mock_latency_ms``,
+    unless ``mock`` is shared), ``workers`` workers and an API started side by side, all
+    stopped after. ``config`` is written as the models file; ``keys`` (tenant -> key) become
+    the API keys; ``env`` is added to every process's environment."""
+    settings = {**TEST_ENV, **env}
+    if config is not None:
+        (base / "fleet.yaml").write_text(config)
+        settings["DSPY_FLEET_CONFIG"] = str(base / "fleet.yaml")
+    if keys is not None:
+        settings["DSPY_FLEET_API_KEYS"] = api_keys_setting(keys, admins)
+    with OwnStack(base, env=settings) as stack:
+        stack.start_redis()
+        if mock is not None:
+            stack.use_mock_llm(mock)
+        elif mock_latency_ms is not None:
+            stack.start_mock_llm().set_faults(latency_ms=mock_latency_ms)
+        else:
+            stack.start_mock_llm()
+        with stack.together():
+            stack.start_workers(workers)
+            stack.start_api()
+        yield stack
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,7 @@ import redis
 
 from dspy_fleet.client import FleetClient
 from dspy_fleet.store.jobs import JobStore
-from tests.conftest import TEST_ENV, MockLLM, OwnStack
+from tests.conftest import MockLLM, OwnStack, running_fleet
 
 JOBS = 300
 CONFIG = """
@@ -70,17 +70,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, mock_llm: MockLLM) -> Iterat
     save_state(base / "plain.json", ("Paris", "The Pacific"))
     save_state(base / "shout.json", ("PARIS", "THE PACIFIC"))
     config = CONFIG.format(plain=base / "plain.json", shout=base / "shout.json")
-    (base / "fleet.yaml").write_text(config)
-    stack = OwnStack(base, env={**TEST_ENV, "DSPY_FLEET_CONFIG": str(base / "fleet.yaml")})
-    try:
-        stack.start_redis()
-        stack.use_mock_llm(mock_llm)
-        with stack.together():
-            stack.start_worker()
-            stack.start_api()
+    with running_fleet(base, config=config, mock=mock_llm) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")

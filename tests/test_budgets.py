@@ -27,7 +27,7 @@ import httpx
 import pytest
 import redis
 
-from api.auth import hash_key, new_key
+from api.auth import new_key
 from dspy_fleet.contract import utcnow
 from dspy_fleet.errors import BudgetExhaustedError, ConfigError, QuotaExceededError, Throttled
 from dspy_fleet.fleet_config import TenantQuota, load_fleet_config
@@ -35,7 +35,7 @@ from dspy_fleet.store import ledger
 from dspy_fleet.store.jobs import KEY_PREFIX, JobStore
 from dspy_fleet.store.ledger import NANO
 from dspy_fleet.store.quotas import CALENDAR, QuotaBook, resets
-from tests.conftest import TEST_ENV, OwnStack, poll
+from tests.conftest import OwnStack, poll, running_fleet
 
 BUDGET = 0.50
 # USD per 1K tokens: an alpha job (184 tokens at the mock) costs $0.04968, so 10 jobs stay
@@ -58,34 +58,17 @@ tenants:
   gamma: {{requests_per_day: 5}}
 """
 KEYS = {"alpha": new_key(), "beta": new_key(), "gamma": new_key(), "ops": new_key()}
-API_KEYS = ",".join(
-    f"{t}:{hash_key(k)}" + (":admin" if t == "ops" else "") for t, k in KEYS.items()
-)
 ALPHA_JOBS = 100
 BETA_JOBS = 20
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnStack]:
-    base = tmp_path_factory.mktemp("budgets")
-    (base / "fleet.yaml").write_text(CONFIG)
-    env = {
-        **TEST_ENV,
-        "DSPY_FLEET_API_KEYS": API_KEYS,
-        "DSPY_FLEET_CONFIG": str(base / "fleet.yaml"),
-    }
-    stack = OwnStack(base, env=env)
-    try:
-        stack.start_redis()
-        # Calls take 100 ms, so that many of a tenant's jobs are in flight at once: the
-        # check-then-call race the bound is about.
-        stack.start_mock_llm().set_faults(latency_ms=100)
-        with stack.together():
-            stack.start_workers(2)
-            stack.start_api()
+    # Calls take 100 ms, so that many of a tenant's jobs are in flight at once: the
+    # check-then-call race the bound is about.
+    with running_fleet(tmp_path_factory.mktemp("budgets"), config=CONFIG, keys=KEYS,
+                       admins={"ops"}, mock_latency_ms=100, workers=2) as stack:  # fmt: skip
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from api.auth import hash_key, new_key
-from tests.conftest import TEST_ENV, OwnStack
+from api.auth import new_key
+from tests.conftest import OwnStack, running_fleet
 
 CONFIG = """
 default_model: mock
@@ -29,27 +29,12 @@ programs:
   shared: {signature: "question -> answer", cache_scope: global}
 """
 KEYS = {"alice": new_key(), "bob": new_key()}
-API_KEYS = ",".join(f"{tenant}:{hash_key(key)}" for tenant, key in KEYS.items())
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnStack]:
-    base = tmp_path_factory.mktemp("cache-scope")
-    (base / "fleet.yaml").write_text(CONFIG)
-    env = {
-        **TEST_ENV,
-        "DSPY_FLEET_API_KEYS": API_KEYS,
-        "DSPY_FLEET_CONFIG": str(base / "fleet.yaml"),
-    }
-    stack = OwnStack(base, env=env)
-    try:
-        stack.start_redis()
-        stack.start_mock_llm()
-        stack.start_worker()
-        stack.start_api()
+    with running_fleet(tmp_path_factory.mktemp("cache-scope"), config=CONFIG, keys=KEYS) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def provider_calls(fleet: OwnStack) -> int:

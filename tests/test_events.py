@@ -20,12 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
-from api.auth import hash_key, new_key
+from api.auth import new_key
 from dspy_fleet.client import FleetClient, NotFoundError
-from tests.conftest import TEST_ENV, OwnStack, poll
+from tests.conftest import TEST_ENV, OwnStack, api_keys_setting, poll
 
 KEYS = {"acme": new_key(), "globex": new_key()}
-API_KEYS = ",".join(f"{tenant}:{hash_key(key)}" for tenant, key in KEYS.items())
+API_KEYS = api_keys_setting(KEYS)
 SHORT_STREAM_SECONDS = 1.5
 
 

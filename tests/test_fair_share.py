@@ -21,19 +21,19 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from api.auth import hash_key, new_key
+from api.auth import new_key
 from api.limits import WaitLimiter
 from api.settings import ApiSettings
 from dspy_fleet.client import FleetClient, WaitTimeoutError
 from dspy_fleet.errors import ConfigError
 from dspy_fleet.settings import load_settings
-from tests.conftest import TEST_ENV, OwnStack, poll
+from tests.conftest import TEST_ENV, OwnStack, api_keys_setting, poll, running_fleet
 
 # Run alone by `make test`: the quiet tenant's p99 is asserted.
 pytestmark = pytest.mark.serial
 
 KEYS = {"hog": new_key(), "quiet": new_key()}
-API_KEYS = ",".join(f"{tenant}:{hash_key(key)}" for tenant, key in KEYS.items())
+API_KEYS = api_keys_setting(KEYS)
 PER_TENANT = 20  # held requests per tenant and process (DSPY_FLEET_MAX_WAITS_PER_TENANT)
 HOG_REQUESTS = 100  # more than both processes' per-tenant caps together (2 × 20)
 HOLD_SECONDS = 10.0  # the hog's `wait`: its jobs never end within it (the mock is slower)
@@ -55,23 +55,13 @@ def auth(tenant: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnStack]:
     """Redis, its own slow mock LLM, a worker and an API with two tenants' keys."""
-    stack = OwnStack(
-        tmp_path_factory.mktemp("fair-share"),
-        env={**TEST_ENV, "DSPY_FLEET_API_KEYS": API_KEYS, "DSPY_FLEET_SOFT_SHUTDOWN_TIMEOUT": "1",
-             "DSPY_FLEET_MAX_WAITS": str(2 * PER_TENANT),
-             "DSPY_FLEET_MAX_WAITS_PER_TENANT": str(PER_TENANT)},
-    )  # fmt: skip
-    try:
-        stack.start_redis()
-        # Slower than any wait here, and below the model's 30 s timeout: no call fails, so
-        # the breaker stays closed and every job of this module takes 25 s or more.
-        stack.start_mock_llm().set_faults(latency_ms=25_000)
-        with stack.together():
-            stack.start_worker()
-            stack.start_api()
+    # The mock is slower than any wait here, and below the model's 30 s timeout: no call
+    # fails, so the breaker stays closed and every job of this module takes 25 s or more.
+    with running_fleet(tmp_path_factory.mktemp("fair-share"), keys=KEYS, mock_latency_ms=25_000,
+                       DSPY_FLEET_SOFT_SHUTDOWN_TIMEOUT="1",
+                       DSPY_FLEET_MAX_WAITS=str(2 * PER_TENANT),
+                       DSPY_FLEET_MAX_WAITS_PER_TENANT=str(PER_TENANT)) as stack:  # fmt: skip
         yield stack
-    finally:
-        stack.stop()
 
 
 def timed_get(client: httpx.Client, path: str, headers: dict[str, str]) -> float:

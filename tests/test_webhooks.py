@@ -37,7 +37,7 @@ from dspy_fleet.client import FleetClient
 from dspy_fleet.settings import CommonSettings
 from dspy_fleet.store.jobs import JobStore
 from dspy_fleet.webhooks import signing
-from tests.conftest import TEST_ENV, OwnStack, poll
+from tests.conftest import OwnStack, poll, running_fleet
 from tests.test_cache_and_costs import metric_value
 
 SECRET = f"whsec-{uuid.uuid4().hex}"
@@ -127,7 +127,6 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnStack]:
     env = {
-        **TEST_ENV,
         "DSPY_FLEET_CALLBACK_ALLOW": "127.0.0.1/32",
         "DSPY_FLEET_CALLBACK_SECRETS": json.dumps({"anonymous": SECRET}),
         "DSPY_FLEET_CALLBACK_BACKOFF_SECONDS": "0.2",
@@ -136,16 +135,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnStack]:
         "DSPY_FLEET_CALLBACK_TIMEOUT_SECONDS": "2",
         "DSPY_FLEET_CALLBACK_CONCURRENCY": "8",
     }
-    stack = OwnStack(tmp_path_factory.mktemp("webhooks"), env=env)
-    try:
-        stack.start_redis()
-        stack.start_mock_llm()
-        with stack.together():
-            stack.start_worker()
-            stack.start_api()
+    with running_fleet(tmp_path_factory.mktemp("webhooks"), **env) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")

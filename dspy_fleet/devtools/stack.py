@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Self
 
 from dspy_fleet.devtools import services
 from dspy_fleet.devtools.procs import Child, http_ok
@@ -288,7 +289,7 @@ class Stack:
         self._kinds.pop(name, None)
         self._restarts.pop(name, None)
 
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
