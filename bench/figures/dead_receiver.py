@@ -14,6 +14,7 @@ import socket
 import redis
 
 from bench.context import Bench
+from bench.figures.unit_costs import process_cpu
 from bench.load import steady_rate
 from bench.report import Figure, median, spread
 from dspy_fleet.store.jobs import CALLBACKS_KEY
@@ -33,9 +34,12 @@ def measure(b: Bench) -> list[Figure]:
     url = dead_url()
     jobs = b.sizes.worker_jobs
     rates: dict[str, list[float]] = {"dead": [], "none": []}
+    cpu_ms: dict[str, list[float]] = {"dead": [], "none": []}  # worker CPU per job
+    worker = b.stack.children["ours-worker"].pid
     notes: list[str] = []
     for r in range(b.sizes.rounds):
         for kind in ("none", "dead") if r % 2 == 0 else ("dead", "none"):
+            cpu0 = process_cpu(worker)
             times, failed = b.producers.run(
                 "ours", jobs, f"j{kind}{r}", timeout=300,
                 callback_url=url if kind == "dead" else None,
@@ -43,6 +47,7 @@ def measure(b: Bench) -> list[Figure]:
             if failed:
                 notes.append(f"round {r} {kind}: {failed} of {jobs} jobs did not succeed")
             rates[kind].append(steady_rate(times))
+            cpu_ms[kind].append(1000 * (process_cpu(worker) - cpu0) / jobs)
             b.say(f"(j) round {r} callbacks {kind}: {rates[kind][-1]:.1f} jobs/s")
     client = redis.Redis.from_url(b.stack.ours_redis)
     attempted = client.zcard(CALLBACKS_KEY)
@@ -54,5 +59,8 @@ def measure(b: Bench) -> list[Figure]:
         Figure("j_dead_receiver_throughput", dead, "jobs/s", none,
                "jobs/s without callbacks", "ratio >= 0.95", dead >= 0.95 * none,
                [spread("dead receiver", rates["dead"]), spread("no callback", rates["none"]),
+                f"worker CPU per job (less sensitive to the machine's load than a rate): "
+                f"{median(cpu_ms['dead']):.2f} ms with a dead receiver, "
+                f"{median(cpu_ms['none']):.2f} ms without",
                 *notes])
     ]  # fmt: skip
