@@ -23,7 +23,7 @@ from dspy_fleet.contract import JobMessage, utcnow
 from dspy_fleet.cost import CostRecord, price_for
 from dspy_fleet.errors import BrokerUnavailableError, RedisUnavailableError
 from dspy_fleet.fleet_config import FleetConfig
-from dspy_fleet.store import jobs, ledger
+from dspy_fleet.store import connection, jobs, ledger
 from dspy_fleet.store.cache import l2_key, parse_l2, read_l2
 from dspy_fleet.store.catalog import CatalogReader
 from dspy_fleet.store.feedback import FeedbackStore
@@ -65,6 +65,7 @@ class Services:
             decode_responses=True,
             health_check_interval=10,
             retry_on_timeout=False,
+            sentinel_password=settings.sentinel_secret,
             **settings.redis_timeouts,
         )
         self.store = JobStore(self.redis, settings.job_ttl_seconds,
@@ -77,7 +78,8 @@ class Services:
             else bounded_client(settings.cache_redis, settings.api_redis_connections,
                                 timeout=POOL_WAIT_SECONDS, decode_responses=True,
                                 socket_timeout=cache_timeout,
-                                socket_connect_timeout=cache_timeout)
+                                socket_connect_timeout=cache_timeout,
+                                sentinel_password=settings.sentinel_secret)
         )  # fmt: skip
         self.catalog = CatalogReader(self.redis, settings.catalog_ttl_seconds)
         self.quotas = QuotaBook(self.redis, config.tenants)
@@ -205,11 +207,11 @@ class Services:
 def bounded_client(url: str, max_connections: int, *, timeout: float, **kwargs: Any) -> redis.Redis:
     """A Redis client on a pool of at most ``max_connections`` connections; a command that
     finds them all busy waits up to ``timeout`` seconds for one, then raises
-    redis.ConnectionError. ``kwargs`` are the connections' options, as for from_url."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout, **kwargs
+    redis.ConnectionError. ``kwargs`` are the connections' options, as for from_url, plus
+    ``sentinel_password`` for a redis+sentinel:// URL (dspy_fleet/store/connection.py)."""
+    return connection.redis_client(
+        url, max_connections=max_connections, pool_timeout=timeout, **kwargs
     )
-    return redis.Redis(connection_pool=pool)
 
 
 def _broker_unavailable(exc: Exception) -> BrokerUnavailableError:

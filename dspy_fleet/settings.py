@@ -58,6 +58,13 @@ class CommonSettings(BaseSettings):
     # heartbeats, kombu's publish and consume, Celery's result backend): a hung Redis must
     # become an error within this, not a request or a worker thread that waits for it.
     redis_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    # Only for redis+sentinel:// URLs (README, Redis Sentinel): the Sentinels' own password,
+    # kept apart from the data nodes' (the URL's userinfo), as Sentinel ACLs usually are.
+    sentinel_password: SecretStr | None = Field(
+        default=None,
+        description="Password of the Sentinels named by redis+sentinel:// URLs (not the "
+        "data nodes'; theirs is the URL's userinfo).",
+    )
     # An accepted job not claimed by a worker this long is first checked by the due sweep
     # (its message still waiting in its queue?); every process that creates jobs sets it.
     recovery_after_seconds: float = Field(default=120.0, ge=1)
@@ -89,6 +96,20 @@ class CommonSettings(BaseSettings):
             "socket_timeout": self.redis_timeout_seconds,
             "socket_connect_timeout": self.redis_timeout_seconds,
         }
+
+    @property
+    def sentinel_secret(self) -> str | None:
+        """The Sentinels' password in clear, for the connection factory."""
+        return self.sentinel_password.get_secret_value() if self.sentinel_password else None
+
+    @field_validator("redis_url", "broker_url", "result_backend", "cache_url")
+    @classmethod
+    def _sentinel_url_parses(cls, value: str | None) -> str | None:
+        from dspy_fleet.store.connection import is_sentinel, parse_sentinel_url
+
+        if value is not None and is_sentinel(value):
+            parse_sentinel_url(value)  # ValueError names what is wrong
+        return value
 
     @property
     def broker(self) -> str:
