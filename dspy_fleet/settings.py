@@ -292,5 +292,7 @@ def describe_validation_error(exc: ValidationError, *, env_prefix: str = "") -> 
         name = f"{env_prefix}{loc.upper()}" if env_prefix and err["loc"] else loc
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        if isinstance(value, str) and "@" in value:  # a URL's userinfo: a password
+            shown = " (value not shown: it may hold a password)"
         lines.append(f"{name}: {err['msg']}{shown}")
     return "invalid configuration: " + "; ".join(lines)
