@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -90,7 +90,7 @@ class CommonSettings(BaseSettings):
         return self
 
     @property
-    def redis_timeouts(self) -> dict[str, float]:
+    def redis_timeouts(self) -> dict[str, Any]:
         """redis-py's connect and read timeouts for a client of this process."""
         return {
             "socket_timeout": self.redis_timeout_seconds,

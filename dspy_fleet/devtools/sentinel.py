@@ -7,9 +7,12 @@ data nodes and the Sentinels have different passwords, as in a real deployment.
 
 from __future__ import annotations
 
+import functools
+import signal
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 from urllib.parse import quote
 
 import redis
@@ -71,7 +74,7 @@ class SentinelTopology:
                                log_path=self.workdir / f"replica{i}.log").start()  # fmt: skip
             self.nodes.append(node)
         for node in self.nodes[1:]:
-            wait_until(lambda n=node: self._linked(n), timeout, f"replica {node.port} in sync")
+            wait_until(functools.partial(self._linked, node), timeout, f"replica {node.port}")
         for i, port in enumerate(self.sentinel_ports):
             self.sentinel_children.append(self._start_sentinel(i, port, master.port))
         wait_until(self._sentinels_agree, timeout, "Sentinels that see each other")
@@ -81,7 +84,10 @@ class SentinelTopology:
         """The port the Sentinels name as master now, or None when none of them answers."""
         for port in self.sentinel_ports:
             try:
-                addr = self._sentinel(port).sentinel_get_master_addr_by_name(MASTER_NAME)
+                addr = cast(
+                    "tuple[str, int] | None",
+                    self._sentinel(port).sentinel_get_master_addr_by_name(MASTER_NAME),
+                )
             except redis.RedisError:
                 continue
             if addr:
@@ -102,6 +108,28 @@ class SentinelTopology:
         child.proc.kill()
         child.proc.wait()
         return port
+
+    def stall_replicas(self) -> None:
+        """Stop replication while the master goes on accepting writes (a lagging replica,
+        made long enough to see): SIGSTOP every replica, then have the master drop their
+        links. Stopping alone is not enough: the master's stream still lands in the stopped
+        replicas' socket buffers, and they apply it once resumed."""
+        master = self.master_port()
+        assert master is not None
+        for node in self._replicas_now():
+            assert node.child is not None
+            node.child.proc.send_signal(signal.SIGSTOP)
+        self._data(master).client_kill_filter(_type="replica")
+
+    def resume_replicas(self) -> None:
+        """SIGCONT every stopped data node."""
+        for node in self.nodes:
+            if node.child is not None and node.child.proc.poll() is None:
+                node.child.proc.send_signal(signal.SIGCONT)
+
+    def _replicas_now(self) -> list[RedisServer]:
+        master = self.master_port()
+        return [n for n in self.nodes if n.port != master and n.child is not None]
 
     def wait_promoted(self, old_port: int, timeout: float = 30.0) -> tuple[int, float]:
         """Wait until every Sentinel names a master other than ``old_port`` and that node
@@ -192,7 +220,7 @@ class SentinelTopology:
         others, replicas = len(self.sentinel_ports) - 1, len(self.nodes) - 1
         for port in self.sentinel_ports:
             try:
-                state = self._sentinel(port).sentinel_master(MASTER_NAME)
+                state = cast(dict[str, Any], self._sentinel(port).sentinel_master(MASTER_NAME))
             except redis.RedisError:
                 return False
             if int(state["num-other-sentinels"]) < others or int(state["num-slaves"]) < replicas:
