@@ -7,6 +7,8 @@ failover itself is tests/chaos/test_sentinel_failover.py.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,12 @@ from flask.testing import FlaskClient
 from dspy_fleet.broker.celery_config import celery_config
 from dspy_fleet.devtools.procs import wait_until
 from dspy_fleet.devtools.redis import RedisServer
+from dspy_fleet.devtools.sentinel import SentinelTopology
 from dspy_fleet.errors import ConfigError
 from dspy_fleet.settings import CommonSettings, load_settings
-from dspy_fleet.store.connection import SentinelUrl, parse_sentinel_url
+from dspy_fleet.store import replication
+from dspy_fleet.store.connection import SentinelUrl, parse_sentinel_url, redis_client
+from dspy_fleet.store.jobs import JobStore
 
 URL = "redis+sentinel://:data%40pw@10.0.0.1:26379,10.0.0.2:26380,sentinel-3/mymaster/2"
 
@@ -139,3 +144,36 @@ def test_fewer_replicas_than_required_is_a_503_and_the_job_stays_one_job(
     # With the requirement met the same request_id gets its job, the one recorded first.
     ok = _client(master_and_replica, tmp_path, replicas=1).post("/v1/predict", json=body)
     assert ok.status_code in (200, 202) and ok.get_json()["id"] == job_id
+
+
+# --- the API's wait subscriber follows a failover ----------------------------------------
+
+
+def test_the_wait_subscriber_resubscribes_on_the_promoted_master(tmp_path: Path) -> None:
+    """A request held by ``wait`` across a failover is woken by a notification published on
+    the new master: the subscriber found it through the Sentinels. (The waiter's own sweep
+    is set to an hour, so only the notification can wake it in time.)"""
+    from api.waiter import JobWaiter
+
+    with SentinelTopology(tmp_path / "sentinel") as topo:
+        client = redis_client(topo.url, sentinel_password=topo.sentinel_password,
+                              decode_responses=True, socket_timeout=1,
+                              socket_connect_timeout=1)  # fmt: skip
+        store = JobStore(client, 3600)
+        waiter = JobWaiter(client, store, recheck_seconds=3600)
+        store.create("held", {"program": "qa"})
+        assert replication.confirm(client, 2, 2000) == 2  # the record survives the kill
+        outcome: dict[str, Any] = {}
+        held = threading.Thread(target=lambda: outcome.update(waiter.wait("held", 60) or {}))
+        held.start()
+        wait_until(waiter.listening.is_set, 10, "the subscriber")
+        old = topo.kill_master()
+        topo.wait_promoted(old)
+        wait_until(waiter.listening.is_set, 20, "the subscriber on the new master")
+        client.hset(JobStore.key("held"), "status", "succeeded")
+        published = time.monotonic()
+        client.publish(waiter.channel, "held")
+        held.join(timeout=10)
+        waiter.close()
+        assert outcome.get("status") == "succeeded"
+        assert time.monotonic() - published < 5
