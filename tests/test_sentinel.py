@@ -152,7 +152,8 @@ def test_fewer_replicas_than_required_is_a_503_and_the_job_stays_one_job(
 def test_the_wait_subscriber_resubscribes_on_the_promoted_master(tmp_path: Path) -> None:
     """A request held by ``wait`` across a failover is woken by a notification published on
     the new master: the subscriber found it through the Sentinels. (The waiter's own sweep
-    is set to an hour, so only the notification can wake it in time.)"""
+    is set to an hour, so only the notification can wake it in time.) The job store's Lua
+    scripts work on the new master too."""
     from api.waiter import JobWaiter
 
     with SentinelTopology(tmp_path / "sentinel") as topo:
@@ -170,6 +171,10 @@ def test_the_wait_subscriber_resubscribes_on_the_promoted_master(tmp_path: Path)
         old = topo.kill_master()
         topo.wait_promoted(old)
         wait_until(waiter.listening.is_set, 20, "the subscriber on the new master")
+        # The promoted replica never loaded the store's Lua scripts (Redis 7 replicates
+        # their effects): the first EVALSHA gets NOSCRIPT and redis-py loads the script.
+        assert client.script_exists(store._create.sha) == [False]
+        assert store.create("after", {"program": "qa"}) is True
         client.hset(JobStore.key("held"), "status", "succeeded")
         published = time.monotonic()
         client.publish(waiter.channel, "held")
