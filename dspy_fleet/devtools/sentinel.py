@@ -61,7 +61,15 @@ class SentinelTopology:
 
     def start(self, timeout: float = 30.0) -> SentinelTopology:
         """Start the master, its replicas (in sync) and the Sentinels (each seeing all the
-        others and every replica), so that a failover can be voted at once."""
+        others and every replica), so that a failover can be voted at once. On a failure
+        every node started so far is stopped."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> SentinelTopology:
         auth = ["--masterauth", self.password]  # every node may become a replica later
         master = RedisServer(appendonly=True, password=self.password, args=auth,
                              data_dir=self._dir("master"),
