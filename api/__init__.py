@@ -57,7 +57,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         return {m: (pacer.effective_rpm(m), configured_rpm(config, m)) for m in models}
 
     metrics.init_app(app, settings.broker, breaker_states=lambda: read_states(svc.redis, models),
-                     rate_limits=rate_limits)  # fmt: skip
+                     rate_limits=rate_limits,
+                     sentinel_password=settings.sentinel_secret)  # fmt: skip
     batch_store.init_app(app, settings)
     middleware.init_app(app)
     body.init_app(app)

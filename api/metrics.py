@@ -26,6 +26,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import GaugeMetricFamily
 
 from dspy_fleet.contract import QUEUES
+from dspy_fleet.store import connection
 from dspy_fleet.store.breakers import STATES
 from dspy_fleet.store.cache import operations_counter
 
@@ -100,13 +101,14 @@ def queue_keys(queue: str) -> list[str]:
 class QueueSampler:
     """Reads the broker's queue lengths (one pipelined round-trip of LLENs)."""
 
-    def __init__(self, broker_url: str) -> None:
+    def __init__(self, broker_url: str, sentinel_password: str | None = None) -> None:
         self.client: redis.Redis | None = None
-        if broker_url.startswith(("redis://", "rediss://", "unix://")):
+        if broker_url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
             # Short timeouts: a slow broker must not hold up the scrape.
-            self.client = redis.Redis.from_url(
-                broker_url, socket_timeout=1, socket_connect_timeout=1
-            )
+            self.client = connection.redis_client(
+                broker_url, sentinel_password=sentinel_password,
+                socket_timeout=1, socket_connect_timeout=1,
+            )  # fmt: skip
         self._lock = threading.Lock()
 
     def sample(self) -> None:
@@ -217,10 +219,11 @@ def count_cache_op(level: str, operation: str) -> None:
 
 
 def init_app(app: Flask, broker_url: str, breaker_states: BreakerStates | None = None,
-             rate_limits: RateLimits | None = None) -> None:  # fmt: skip
+             rate_limits: RateLimits | None = None,
+             sentinel_password: str | None = None) -> None:  # fmt: skip
     """Attach what /metrics reads at scrape time: the queue sampler and, when given, the
     fleet's breaker states and pacing rates."""
-    app.extensions["dspy_fleet_queue_sampler"] = QueueSampler(broker_url)
+    app.extensions["dspy_fleet_queue_sampler"] = QueueSampler(broker_url, sentinel_password)
     app.extensions["dspy_fleet_breaker_states"] = breaker_states
     app.extensions["dspy_fleet_rate_limits"] = rate_limits
 

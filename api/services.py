@@ -21,9 +21,13 @@ from api.waiter import JobWaiter
 from dspy_fleet.broker.celery_config import make_celery, send_job
 from dspy_fleet.contract import JobMessage, utcnow
 from dspy_fleet.cost import CostRecord, price_for
-from dspy_fleet.errors import BrokerUnavailableError, RedisUnavailableError
+from dspy_fleet.errors import (
+    BrokerUnavailableError,
+    RedisUnavailableError,
+    ReplicationUnconfirmedError,
+)
 from dspy_fleet.fleet_config import FleetConfig
-from dspy_fleet.store import jobs, ledger
+from dspy_fleet.store import connection, jobs, ledger, replication
 from dspy_fleet.store.cache import l2_key, parse_l2, read_l2
 from dspy_fleet.store.catalog import CatalogReader
 from dspy_fleet.store.feedback import FeedbackStore
@@ -65,6 +69,7 @@ class Services:
             decode_responses=True,
             health_check_interval=10,
             retry_on_timeout=False,
+            sentinel_password=settings.sentinel_secret,
             **settings.redis_timeouts,
         )
         self.store = JobStore(self.redis, settings.job_ttl_seconds,
@@ -77,7 +82,8 @@ class Services:
             else bounded_client(settings.cache_redis, settings.api_redis_connections,
                                 timeout=POOL_WAIT_SECONDS, decode_responses=True,
                                 socket_timeout=cache_timeout,
-                                socket_connect_timeout=cache_timeout)
+                                socket_connect_timeout=cache_timeout,
+                                sentinel_password=settings.sentinel_secret)
         )  # fmt: skip
         self.catalog = CatalogReader(self.redis, settings.catalog_ttl_seconds)
         self.quotas = QuotaBook(self.redis, config.tenants)
@@ -127,22 +133,54 @@ class Services:
             if hit is not None:
                 return CacheHit(hit)
             cache_key = None
+        existing: dict[str, Any] | None = None
         try:
             created = self._create(message.job_id, record, kwargs, cache_key)
             if isinstance(created, CacheHit):
                 return created
             if not created:
                 existing = self.store.get(message.job_id)
-                return existing or {**record, "job_id": message.job_id}, False
         except redis.RedisError as exc:
             raise _redis_unavailable(exc) from None
+        if not created:
+            # A replay: its first answer may have been this 503 (not yet on a replica).
+            self.confirm_replicated({"job_id": message.job_id})
+            return existing or {**record, "job_id": message.job_id}, False
         try:
             self.enqueue(message, kwargs, request_id=request_id)
         except BrokerUnavailableError:
             log.warning("job recorded but not published; the due sweep will publish it",
                         extra={"job_id": message.job_id})  # fmt: skip
+        self.confirm_replicated({"job_id": message.job_id})
         job = jobs.decode(jobs.encode(record))  # the same strings a later GET reads
         return {**job, "job_id": message.job_id, "status": "queued"}, True
+
+    def confirm_replicated(self, details: dict[str, Any]) -> None:
+        """With DSPY_FLEET_ACCEPT_MIN_REPLICAS > 0, wait until that many replicas have every
+        write this process finished so far (the job records and, with the broker on the
+        same Redis, their messages); else 503 replication_unconfirmed with ``details``
+        (the job ids): the jobs are recorded on the master and may still run, and a retry
+        with the same request_id or Idempotency-Key returns them, never second copies."""
+        wanted = self.settings.accept_min_replicas
+        if wanted <= 0:
+            return
+        timeout_ms = self.settings.accept_replica_timeout_ms
+        try:
+            acked = replication.confirm(self.redis, wanted, timeout_ms)
+        except redis.RedisError as exc:
+            acked, reason = 0, type(exc).__name__
+        else:
+            reason = "timeout"
+        if acked >= wanted:
+            return
+        log.warning("accepted job not confirmed by enough replicas", extra=details)
+        raise ReplicationUnconfirmedError(
+            f"the job was recorded but {acked} of the {wanted} replicas required confirmed it "
+            f"within {timeout_ms} ms; it may still run: retry with the same request_id "
+            "(or Idempotency-Key) to get it, never a second copy",
+            details={**details, "replicas_confirmed": acked, "replicas_required": wanted,
+                     "reason": reason},
+        )  # fmt: skip
 
     def _create(self, job_id: str, record: dict[str, Any], kwargs: dict[str, Any],
                 cache_key: str | None) -> bool | CacheHit:  # fmt: skip
@@ -205,11 +243,11 @@ class Services:
 def bounded_client(url: str, max_connections: int, *, timeout: float, **kwargs: Any) -> redis.Redis:
     """A Redis client on a pool of at most ``max_connections`` connections; a command that
     finds them all busy waits up to ``timeout`` seconds for one, then raises
-    redis.ConnectionError. ``kwargs`` are the connections' options, as for from_url."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout, **kwargs
+    redis.ConnectionError. ``kwargs`` are the connections' options, as for from_url, plus
+    ``sentinel_password`` for a redis+sentinel:// URL (dspy_fleet/store/connection.py)."""
+    return connection.redis_client(
+        url, max_connections=max_connections, pool_timeout=timeout, **kwargs
     )
-    return redis.Redis(connection_pool=pool)
 
 
 def _broker_unavailable(exc: Exception) -> BrokerUnavailableError:

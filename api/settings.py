@@ -46,6 +46,22 @@ class ApiSettings(CommonSettings):
     # Redis connections one API process may open for requests (a bounded pool: thousands
     # of greenlets must not open thousands of connections); the wait subscriber takes one.
     api_redis_connections: int = Field(default=64, ge=2, le=10_000)
+    # Acceptance that survives a Redis failover (README, Redis Sentinel): before a 202 the
+    # API waits (Redis WAIT) until this many replicas have the job; 0 = off (asynchronous
+    # replication: a failover may lose jobs accepted in its last instants).
+    accept_min_replicas: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="Replicas that must have a job's record before 202 (Redis WAIT); 0 = off.",
+    )
+    accept_replica_timeout_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=60_000,
+        description="Longest wait (ms) for accept_min_replicas; past it 503 "
+        "replication_unconfirmed (the job is recorded and may still run).",
+    )
     # Event streams (api/routes/events.py): the longest one stream stays open (the client
     # then resumes with Last-Event-ID), the keep-alive comment's interval when nothing
     # happens, and how often a batch stream recounts its items.

@@ -197,6 +197,13 @@ class RedisUnavailableError(ServiceUnavailableError):
     code = "redis_unavailable"
 
 
+class ReplicationUnconfirmedError(ServiceUnavailableError):
+    """Fewer replicas than DSPY_FLEET_ACCEPT_MIN_REPLICAS confirmed an accepted job in time;
+    the job is recorded on the master and may still run (``details.job_id``)."""
+
+    code = "replication_unconfirmed"
+
+
 class BrokerUnavailableError(ServiceUnavailableError):
     """The broker refused to publish the job's message."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +58,13 @@ class CommonSettings(BaseSettings):
     # heartbeats, kombu's publish and consume, Celery's result backend): a hung Redis must
     # become an error within this, not a request or a worker thread that waits for it.
     redis_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    # Only for redis+sentinel:// URLs (README, Redis Sentinel): the Sentinels' own password,
+    # kept apart from the data nodes' (the URL's userinfo), as Sentinel ACLs usually are.
+    sentinel_password: SecretStr | None = Field(
+        default=None,
+        description="Password of the Sentinels named by redis+sentinel:// URLs (not the "
+        "data nodes'; theirs is the URL's userinfo).",
+    )
     # An accepted job not claimed by a worker this long is first checked by the due sweep
     # (its message still waiting in its queue?); every process that creates jobs sets it.
     recovery_after_seconds: float = Field(default=120.0, ge=1)
@@ -83,12 +90,26 @@ class CommonSettings(BaseSettings):
         return self
 
     @property
-    def redis_timeouts(self) -> dict[str, float]:
+    def redis_timeouts(self) -> dict[str, Any]:
         """redis-py's connect and read timeouts for a client of this process."""
         return {
             "socket_timeout": self.redis_timeout_seconds,
             "socket_connect_timeout": self.redis_timeout_seconds,
         }
+
+    @property
+    def sentinel_secret(self) -> str | None:
+        """The Sentinels' password in clear, for the connection factory."""
+        return self.sentinel_password.get_secret_value() if self.sentinel_password else None
+
+    @field_validator("redis_url", "broker_url", "result_backend", "cache_url")
+    @classmethod
+    def _sentinel_url_parses(cls, value: str | None) -> str | None:
+        from dspy_fleet.store.connection import is_sentinel, parse_sentinel_url
+
+        if value is not None and is_sentinel(value):
+            parse_sentinel_url(value)  # ValueError names what is wrong
+        return value
 
     @property
     def broker(self) -> str:
@@ -271,5 +292,7 @@ def describe_validation_error(exc: ValidationError, *, env_prefix: str = "") -> 
         name = f"{env_prefix}{loc.upper()}" if env_prefix and err["loc"] else loc
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        if isinstance(value, str) and "@" in value:  # a URL's userinfo: a password
+            shown = " (value not shown: it may hold a password)"
         lines.append(f"{name}: {err['msg']}{shown}")
     return "invalid configuration: " + "; ".join(lines)

@@ -11,7 +11,7 @@ import redis
 from dspy_fleet.errors import ConfigError
 from dspy_fleet.fleet_config import FleetConfig
 from dspy_fleet.settings import WorkerSettings
-from dspy_fleet.store import catalog
+from dspy_fleet.store import catalog, connection
 from dspy_fleet.store.breakers import BreakerBoard, BreakerPolicy
 from dspy_fleet.store.cache import PredictionCache
 from dspy_fleet.store.causes import CauseBook
@@ -51,9 +51,9 @@ def redis_client(url: str, settings: WorkerSettings) -> redis.Redis:
     (the task hands its message back) instead of holding a worker thread. One retry on
     a timeout or dropped connection: a worker is not answering anyone meanwhile.
     """
-    return redis.Redis.from_url(
-        url, decode_responses=True, health_check_interval=10, retry_on_timeout=True,
-        **settings.redis_timeouts,
+    return connection.redis_client(
+        url, sentinel_password=settings.sentinel_secret, decode_responses=True,
+        health_check_interval=10, retry_on_timeout=True, **settings.redis_timeouts,
     )  # fmt: skip
 
 

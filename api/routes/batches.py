@@ -293,6 +293,8 @@ def create_batch() -> tuple[Response, int]:
         )
     fate = _fate(result, names)
     _raise_unless_accepted(result, fate, batch_id, key)
+    if fate["accepted"]:
+        services().confirm_replicated({"batch_id": batch_id})
     rejected = fate["rejected"]
     indexes = {e["custom_id"]: e["index"] for e in entries if "job_id" in e}
     for custom_id in rejected:

@@ -17,6 +17,7 @@ from kombu import Exchange, Queue
 from dspy_fleet.broker import kombu_patch
 from dspy_fleet.contract import QUEUES, TASK_NAME
 from dspy_fleet.settings import CommonSettings, WorkerSettings
+from dspy_fleet.store.connection import is_sentinel, parse_sentinel_url
 
 APP_NAME = "dspy_fleet"
 LOG_PAYLOADS_CONF = "dspy_fleet_log_payloads"
@@ -117,6 +118,7 @@ def celery_config(settings: CommonSettings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "enable_utc": True,
     }
+    _use_sentinel(conf, settings)
     if (broker_ssl := ssl_options(settings.broker)) is not None:
         conf["broker_use_ssl"] = broker_ssl
     if (backend_ssl := ssl_options(settings.backend)) is not None:
@@ -133,6 +135,34 @@ def celery_config(settings: CommonSettings) -> dict[str, Any]:
             worker_cancel_long_running_tasks_on_connection_loss=False,
         )
     return conf
+
+
+def _use_sentinel(conf: dict[str, Any], settings: CommonSettings) -> None:
+    """Translate redis+sentinel:// broker and backend URLs (dspy_fleet/store/connection.py)
+    into what kombu's and Celery's Sentinel support take: ``sentinel://h:p/db;...`` plus
+    the master name and the Sentinels' options in the transport options."""
+    # The Sentinels get the data nodes' timeouts: Celery gives them none of its own (a
+    # hung Sentinel would hold a result write forever), kombu only when sentinel_kwargs
+    # is left out, which a Sentinel password rules out.
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": settings.redis_timeout_seconds,
+        "socket_connect_timeout": settings.redis_timeout_seconds,
+    }
+    if settings.sentinel_secret:
+        sentinel_kwargs["password"] = settings.sentinel_secret
+    for url_key, options_key, url in (
+        ("broker_url", "broker_transport_options", settings.broker),
+        ("result_backend", "result_backend_transport_options", settings.backend),
+    ):
+        if not is_sentinel(url):
+            continue
+        parsed = parse_sentinel_url(url)
+        conf[url_key] = parsed.kombu_urls()
+        conf[options_key] = {
+            **conf[options_key],
+            "master_name": parsed.master_name,
+            "sentinel_kwargs": dict(sentinel_kwargs),
+        }
 
 
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}

@@ -36,6 +36,7 @@ from dspy_fleet.contract import (
 )
 from dspy_fleet.errors import IdempotencyKeyReusedError
 from dspy_fleet.settings import CommonSettings, load_settings
+from dspy_fleet.store import connection
 from dspy_fleet.store.jobs import JobStore, decode, job_record
 
 # Messages per Redis pipeline: large enough to amortise round trips, small enough
@@ -311,9 +312,10 @@ class Producer:
             settings = load_settings(CommonSettings, **overrides)
         self.settings = settings
         self.tenant = tenant
-        self.redis = redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, **settings.redis_timeouts
-        )
+        self.redis = connection.redis_client(
+            settings.redis_url, sentinel_password=settings.sentinel_secret,
+            decode_responses=True, **settings.redis_timeouts,
+        )  # fmt: skip
         self.store = JobStore(self.redis, settings.job_ttl_seconds,
                               recovery_after=settings.recovery_after_seconds)  # fmt: skip
         self.publisher = Publisher(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -47,8 +48,11 @@ class RedisServer:
         log_path: Path | None = None,
         password: str | None = None,
         tls: dict[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.port = port or free_port()
+        # More redis-server options (``--replicaof``, ``--masterauth`` ...), appended last.
+        self.args = list(args)
         self.binary = find_redis_server()
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="dspy-fleet-redis-"))
         self.appendonly = appendonly
@@ -82,6 +86,7 @@ class RedisServer:
             argv += ["--port", str(self.port)]
         if self.password:
             argv += ["--requirepass", self.password]
+        argv += self.args
         self.child = Child(f"redis:{self.port}", argv, log_path=self.log_path)
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         wait_until(

@@ -19,6 +19,7 @@ import httpx
 import redis
 
 from dspy_fleet.devtools.procs import Child, free_port, http_ok, wait_until
+from dspy_fleet.store import connection
 
 PY = sys.executable
 # A cold worker imports Celery and DSPy (seconds on a busy 2-core machine); a mock LLM
@@ -217,7 +218,9 @@ def start_worker(
         log_path=log_path,
         env=env,
         metrics_url=metrics_url,
-        ready=_heartbeat(redis_url, node + "@") if app is None else None,
+        ready=_heartbeat(redis_url, node + "@", env.get("DSPY_FLEET_SENTINEL_PASSWORD"))
+        if app is None
+        else None,
         timeout=WORKER_TIMEOUT,
         argv=argv,
         cwd=cwd,
@@ -225,8 +228,12 @@ def start_worker(
     return svc.wait_ready() if wait else svc
 
 
-def _heartbeat(redis_url: str, prefix: str) -> Callable[[], bool]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=2)
+def _heartbeat(
+    redis_url: str, prefix: str, sentinel_password: str | None = None
+) -> Callable[[], bool]:
+    client = connection.redis_client(
+        redis_url, sentinel_password=sentinel_password, decode_responses=True, socket_timeout=2
+    )
 
     def beating() -> bool:  # this worker's own heartbeat, not another one's
         try:

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from dspy_fleet.settings import DEFAULT_CONFIG_FILE
+from dspy_fleet.store import connection
 from dspy_fleet.store.jobs import JobStore
 from tests.conftest import TEST_ENV, MockLLM, OwnStack
 
@@ -49,7 +50,12 @@ class ChaosStack(OwnStack):
 
     @property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url, decode_responses=True)
+        """A client of the stack's Redis (through its Sentinels for a redis+sentinel:// URL)."""
+        return connection.redis_client(
+            self.redis_url,
+            sentinel_password=self.env.get("DSPY_FLEET_SENTINEL_PASSWORD"),
+            decode_responses=True,
+        )
 
     def statuses(self, ids: Iterable[str]) -> dict[str, str | None]:
         """Each job's status, one pipelined round-trip."""

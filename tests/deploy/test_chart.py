@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import subprocess
@@ -26,6 +27,7 @@ from tests.deploy.conftest import (
     deep_merge,
     tool,
 )
+from tests.deploy.test_chart_security import check_no_secret_on_command_lines
 
 # Kinds kubernetes-validate has no schema for; our own checks below cover them.
 CRD_KINDS = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
@@ -350,6 +352,11 @@ def test_safe_production_values_render(render: RenderFn) -> None:
             "worker.autoscaling.minReplicas",
         ),
         ({"worker": {"autoscaling": {"enabled": True, "mode": "keda"}}}, "keda.redisAddress"),
+        ({"sentinel": {"enabled": True}}, "needs sentinel.hosts"),
+        (
+            {"sentinel": {"enabled": True, "hosts": ["s:26379"]}, "flower": {"enabled": True}},
+            "not wired to Sentinel",
+        ),
         (
             {
                 "worker": {"autoscaling": {"enabled": True, "mode": "hpa"}},
@@ -368,6 +375,48 @@ def test_validate_values_refuses_unsafe_combinations(
         )
     assert "VALUES VALIDATION" in str(exc.value)
     assert message in str(exc.value)
+
+
+SENTINEL = {
+    "sentinel": {"enabled": True, "hosts": ["s1:26379", "s2:26380", "s3"], "masterName": "m"},
+    "secrets": {"redisUrl": "", "redisPassword": "data%40pw-1234", "sentinelPassword": "s-pw-5678"},
+    # Not wired to Sentinel in this chart (validateValues says so).
+    "flower": {"enabled": False},
+    "celeryExporter": {"enabled": False},
+}
+
+
+def test_an_external_sentinel_reaches_every_pod_with_its_passwords_apart(
+    render: RenderFn,
+) -> None:
+    docs = render(deep_merge(PROD_OK, SENTINEL))
+    for name in ("api", "worker"):
+        pod = component(docs, "Deployment", name)["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        names = [e["name"] for e in pod["containers"][0]["env"]]
+        # The data nodes' password is expanded into the URL, so it is defined before it.
+        assert names.index("REDIS_DATA_PASSWORD") < names.index("DSPY_FLEET_REDIS_URL")
+        assert env["DSPY_FLEET_REDIS_URL"]["value"] == (
+            "redis+sentinel://:$(REDIS_DATA_PASSWORD)@s1:26379,s2:26380,s3/m/0"
+        )
+        assert env["REDIS_DATA_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
+        sentinel_ref = env["DSPY_FLEET_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert sentinel_ref["key"] == "sentinel-password"
+    api = component(docs, "Deployment", "api")["spec"]["template"]["spec"]["containers"][0]
+    api_env = {e["name"]: e.get("value") for e in api["env"]}
+    assert api_env["DSPY_FLEET_ACCEPT_MIN_REPLICAS"] == "1"
+    (secret,) = [d for d in by_kind(docs, "Secret") if "sentinel-password" in d.get("data", {})]
+    assert set(secret["data"]) >= {"redis-password", "sentinel-password"}
+    # The network policies let the pods reach every Sentinel's port.
+    policy = component(docs, "NetworkPolicy", "api")
+    ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
+    assert {26379, 26380} <= ports
+    # Valid manifests, and no password on a command line nor as a literal env value (the
+    # URL names $(REDIS_DATA_PASSWORD), which the kubelet expands into the process's env).
+    for doc in docs:
+        with contextlib.suppress(kv.SchemaNotFoundError):
+            kv.validate(doc, KUBE_VERSION, strict=True)
+    check_no_secret_on_command_lines(docs)
 
 
 def test_network_policies_off_in_production_only_when_acknowledged(render: RenderFn) -> None:

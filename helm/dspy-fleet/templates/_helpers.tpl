@@ -100,11 +100,31 @@ secretKeyRef:
   key: redis-url
 {{- end -}}
 
-{{/* Redis URL env var of the api, worker and Flower. */}}
+{{/* Redis URL env var of the api, worker and Flower. With sentinel.enabled the URL is
+     built from the values, its data password from the Secret's `redis-password` (Kubernetes
+     expands $(REDIS_DATA_PASSWORD) in a later env value), and the Sentinels' password is
+     DSPY_FLEET_SENTINEL_PASSWORD from `sentinel-password`; both optional. */}}
 {{- define "dspy-fleet.redisUrlEnv" -}}
+{{- if .Values.sentinel.enabled }}
+- name: REDIS_DATA_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "dspy-fleet.secretName" . }}
+      key: redis-password
+      optional: true
+- name: DSPY_FLEET_REDIS_URL
+  value: {{ printf "redis+sentinel://:$(REDIS_DATA_PASSWORD)@%s/%s/%d" (join "," .Values.sentinel.hosts) .Values.sentinel.masterName (int .Values.sentinel.db) | quote }}
+- name: DSPY_FLEET_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "dspy-fleet.secretName" . }}
+      key: sentinel-password
+      optional: true
+{{- else }}
 - name: DSPY_FLEET_REDIS_URL
   valueFrom:
     {{- include "dspy-fleet.redisUrlSecretKeyRef" . | nindent 4 }}
+{{- end }}
 {{- end -}}
 
 {{/* Environment both the api and the worker read. */}}
@@ -170,7 +190,17 @@ checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256
 {{- if and $prod .Values.flower.enabled (not .Values.flower.basicAuthSecret) -}}
 {{- $messages = append $messages "env=production with flower.enabled=true needs flower.basicAuthSecret: Flower can revoke and inspect tasks" -}}
 {{- end -}}
-{{- if and (not .Values.redis.enabled) (not .Values.secrets.redisUrl) (not .Values.secrets.existingSecret) -}}
+{{- if .Values.sentinel.enabled -}}
+{{- if .Values.redis.enabled -}}
+{{- $messages = append $messages "sentinel.enabled=true needs redis.enabled=false: the pods reach the external Redis through its Sentinels" -}}
+{{- end -}}
+{{- if not .Values.sentinel.hosts -}}
+{{- $messages = append $messages "sentinel.enabled=true needs sentinel.hosts (host:port of each Sentinel)" -}}
+{{- end -}}
+{{- if or .Values.flower.enabled .Values.celeryExporter.enabled (and .Values.worker.autoscaling.enabled (eq .Values.worker.autoscaling.mode "keda")) -}}
+{{- $messages = append $messages "sentinel.enabled=true: Flower, celery-exporter and KEDA's Redis scaler are not wired to Sentinel in this chart; set flower.enabled=false, celeryExporter.enabled=false and do not use worker.autoscaling.mode=keda" -}}
+{{- end -}}
+{{- else if and (not .Values.redis.enabled) (not .Values.secrets.redisUrl) (not .Values.secrets.existingSecret) -}}
 {{- $messages = append $messages "redis.enabled=false needs secrets.redisUrl or secrets.existingSecret (with key redis-url)" -}}
 {{- end -}}
 {{- if and $prod (not .Values.networkPolicy.enabled) (not .Values.networkPolicy.acknowledgeDisabled) -}}
