@@ -33,6 +33,7 @@ from tests.conftest import TEST_ENV, MockLLM
 BATCH_ITEMS = 1000  # the jobs running or queued when the master dies
 LLM_LATENCY_MS = 1000  # 2 workers × 64 threads: 1,000 jobs take at least ~8 s
 STALL_SECONDS = 0.8  # replication stopped before the kill (under Sentinel's 1 s down-after)
+BACK_WITHIN_SECONDS = 30  # after the promotion, the API must accept jobs again within this
 
 
 @pytest.fixture
@@ -130,7 +131,13 @@ def _failover(topology: SentinelTopology, fleet: ChaosStack) -> Run:
     old = topology.kill_master()  # kill -9: no AOF flush, no goodbye to the replicas
     topology.resume_replicas()
     _, run.promoted_after = topology.wait_promoted(old, timeout=30)
-    time.sleep(5)  # the stream goes on against the new master
+    # The stream goes on against the new master: 5 s, or until it accepts jobs again (with
+    # WAIT, only once the other replica has resynced from it: seconds on a loaded machine).
+    promoted = time.monotonic()
+    while time.monotonic() < promoted + BACK_WITHIN_SECONDS and not (
+        time.monotonic() > promoted + 5 and _accepting_since(run, promoted)
+    ):
+        time.sleep(0.25)
     stop.set()
     for t in threads:
         t.join()
@@ -195,6 +202,13 @@ def test_without_wait_the_same_failover_loses_accepted_jobs(
     lost = [j for j in run.accepted if j not in recorded]
     print(f"{len(lost)} of {len(run.accepted)} stream jobs answered 202 are gone")
     assert lost
+
+
+def _accepting_since(run: Run, since: float) -> bool:
+    """Whether a 202 came after ``since`` and after the last 503."""
+    answered = list(run.answered)
+    last_503 = max((t for t, code in answered if code == 503), default=since)
+    return any(code == 202 and t > max(since, last_503) for t, code in answered)
 
 
 def _wait_batch_ended(api_url: str, batch_id: str, timeout: float) -> None:
