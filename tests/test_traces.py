@@ -26,8 +26,8 @@ def a_trace(job_id: str, **over: Any) -> dict[str, Any]:
         "job_id": job_id, "program": "qa", "variant": "a", "program_version": "v1",
         "tenant": "alpha", "status": "succeeded", "inputs": {"question": "q?", "ssn": "123"},
         "outputs": {"answer": "Paris", "reasoning": "because"}, "input_fields": ["question", "ssn"],
-        "lm_calls": [{"model": "m", "messages": [{"role": "user", "content": "[[ ## ssn ## ]]\n123"}],
-                      "outputs": ["[[ ## answer ## ]]\nParis"]}],
+        "lm_calls": [{"model": "m", "outputs": ["[[ ## answer ## ]]\nParis"],
+                      "messages": [{"role": "user", "content": "[[ ## ssn ## ]]\n123"}]}],
         "truncated": False, "redacted": [],
     }  # fmt: skip
     return {**doc, **over}
