@@ -76,6 +76,10 @@ def _safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 def _forms(value: Any) -> list[str]:
     """How a field's value may appear inside a prompt or an answer."""
     if value is None or value == "":
@@ -164,15 +168,18 @@ def fields(
     (store/traces.py :func:`finish_fields`); empty when it is dropped (too large, or the
     redaction hook failed). Counts the outcome in dspy_fleet_traces_total."""
     cfg = recorder.cfg
+    # Redaction edits the document in place: it gets its own copy of the values. Without
+    # it, nothing edits them and encode() serializes them as they are (half the work).
+    copy = _safe if cfg.sensitive_fields or cfg.redact is not None else _same
     doc: dict[str, Any] = {
         "job_id": msg.job_id, "program": plan.program, "variant": plan.variant,
         "program_version": program.version, "tenant": msg.tenant, "model": model,
         "status": status, "error_code": error_code,
         "finished_at": utcnow().isoformat().replace("+00:00", "Z"),
-        "inputs": _safe(plan.inputs or {}), "outputs": _safe(outputs or {}),
+        "inputs": copy(plan.inputs or {}), "outputs": copy(outputs or {}),
         "input_fields": list(program.input_fields),
         "output_fields": list(program.output_fields), "cached": cached,
-        "lm_calls": _safe(recorder.calls), "truncated": False, "redacted": [],
+        "lm_calls": copy(recorder.calls), "truncated": False, "redacted": [],
     }  # fmt: skip
     doc = redact(doc, cfg.sensitive_fields)
     if cfg.redact is not None:
