@@ -126,3 +126,62 @@ def test_kept_traces_are_capped_and_a_feedback_keeps_a_parked_one(
     (member,) = client.zrangebyscore("dspy_fleet:outcomes:qa", "-inf", "+inf", start=0, num=1)
     outcome = parse_outcome(member)
     assert outcome is not None and outcome.program_version == "v1"
+
+
+CONFIG = """
+default_model: mock
+models:
+  mock: {litellm_model: openai/mock, api_base: "http://127.0.0.1:9/v1", timeout: 5}
+programs:
+  qa: {signature: "question -> answer", variants: {a: {weight: 1}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def api(server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from api import create_app
+
+    path = tmp_path_factory.mktemp("trcfg") / "fleet.yaml"
+    path.write_text(CONFIG)
+    settings = {"redis_url": server.url, "config": str(path)}
+    return create_app({"keep_logging": True, "settings": settings}).test_client()
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["min_score=2", "min_score=nan", "min_score=x", "since=yesterday", "variant=a%20b",
+     "version=" + "v" * 65, "limit=0", "limit=1001", "limit=1.5"],
+)  # fmt: skip
+def test_bad_trace_and_example_queries_are_422_in_the_one_error_format(
+    api: Any, query: str
+) -> None:
+    path = "traces" if query.startswith("limit") else "examples"
+    resp = api.get(f"/v1/programs/qa/{path}?{query}")
+    assert resp.status_code == 422, resp.get_data(as_text=True)
+    assert resp.get_json()["error"]["code"] == "validation_error"
+    assert api.get(f"/v1/programs/nope/{path}").status_code == 404
+
+
+def test_the_report_and_the_examples_filter_by_program_version(
+    api: Any, server: RedisServer
+) -> None:
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    jobs = JobStore(client, 3600)
+    for i, version in enumerate(["w1", "w1", "w2"]):
+        job_id = f"ver-{i}"
+        jobs.create(job_id, {"program": "qa", "variant": "a", "tenant": "anonymous",
+                             "model": "mock", "program_version": version})  # fmt: skip
+        doc = json.dumps(a_trace(job_id, program_version=version, tenant="anonymous"))
+        fields = {"status": "succeeded", "outputs": {"answer": "Paris"}, "finished_at": utcnow(),
+                  **finish_fields(doc, keep=True, ttl_seconds=3600, cap=100,
+                                  window_seconds=600)}  # fmt: skip
+        assert jobs.finish(job_id, fields) == 1
+    report = api.get("/v1/programs/qa/report?version=w1").get_json()
+    assert report["version"] == "w1" and report["variants"]["a"]["n"] == 2
+    assert api.get("/v1/programs/qa/report").get_json()["variants"]["a"]["n"] >= 8
+    resp = api.get("/v1/programs/qa/examples?version=w2")
+    assert resp.status_code == 200 and resp.mimetype == "application/x-ndjson"
+    lines = [json.loads(line) for line in resp.get_data(as_text=True).splitlines()]
+    assert [r["dspy_fleet"]["job_id"] for r in lines] == ["ver-2"]
+    listed = api.get("/v1/programs/qa/traces?version=w1&limit=1").get_json()
+    assert listed["count"] == 1 and listed["traces"][0]["job_id"] == "ver-1"  # newest first
