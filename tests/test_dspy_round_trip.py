@@ -154,6 +154,10 @@ def test_tenants_see_only_their_own_traces_and_examples(
         with pytest.raises(NotFoundError):
             beta.trace(collected["alpha"][0])
         assert alpha.trace(collected["alpha"][0])["job_id"] == collected["alpha"][0]
+    assert fleet.api is not None
+    cli = subprocess.run([CLI, "traces", "qa", "--url", fleet.api.url, "--api-key", KEYS["beta"]],
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert [json.loads(line)["job_id"] for line in cli.stdout.splitlines()] == collected["beta"]
 
 
 def test_export_then_compile_then_deploy_as_variant_b(

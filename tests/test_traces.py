@@ -185,3 +185,38 @@ def test_the_report_and_the_examples_filter_by_program_version(
     assert [r["dspy_fleet"]["job_id"] for r in lines] == ["ver-2"]
     listed = api.get("/v1/programs/qa/traces?version=w1&limit=1").get_json()
     assert listed["count"] == 1 and listed["traces"][0]["job_id"] == "ver-1"  # newest first
+
+
+def keep_no_lm_text(trace: dict[str, Any]) -> dict[str, Any]:
+    """A redaction hook (configured as tests.test_traces:keep_no_lm_text)."""
+    return {**trace, "lm_calls": [], "hooked": True}
+
+
+def broken_hook(trace: dict[str, Any]) -> dict[str, Any]:
+    raise RuntimeError("the hook's own bug, quoting 123")
+
+
+def test_the_redaction_hook_runs_after_the_fields_and_a_broken_one_drops_the_trace() -> None:
+    from types import SimpleNamespace
+
+    from dspy_fleet.contract import JobMessage
+    from dspy_fleet.fleet_config import TraceConfig
+    from worker import traces
+
+    msg = JobMessage.model_validate({"v": 1, "job_id": "h1", "submitted_at": utcnow().isoformat(),
+                                     "inputs": {"question": "q?", "ssn": "123"}})  # fmt: skip
+    plan = SimpleNamespace(program="qa", variant=None, inputs={"question": "q?", "ssn": "123"})
+    program = SimpleNamespace(version="v1", input_fields=("question", "ssn"),
+                              output_fields=("answer",))  # fmt: skip
+
+    def run(hook: str) -> dict[str, str]:
+        cfg = TraceConfig(sample_rate=1, sensitive_fields=["ssn"], redact=hook)
+        recorder = traces.Recorder(cfg, sampled=True)
+        recorder.on_lm_start("c", SimpleNamespace(model="m"), {"messages": [{"content": "123"}]})
+        recorder.on_lm_end("c", ["Paris"])
+        return traces.fields(recorder, msg, plan, program, status="succeeded",  # type: ignore[arg-type]
+                             model="mock", outputs={"answer": "Paris"}, cached=False)  # fmt: skip
+
+    kept = json.loads(run("tests.test_traces:keep_no_lm_text")["trace"])
+    assert kept["hooked"] and kept["lm_calls"] == [] and kept["inputs"]["ssn"] == REDACTED
+    assert run("tests.test_traces:broken_hook") == {}
