@@ -85,8 +85,9 @@ def parse_options(
     group.add_argument("--quick", action="store_true", help="short runs")
     group.add_argument("--smoke", action="store_true", help="shortest runs (the test suite's)")
     if alone:
-        parser.add_argument("--only", choices=alone, default=None,
-                            help="measure only this figure (the stack still starts whole)")  # fmt: skip
+        parser.add_argument(
+            "--only", choices=alone, default=None, help="measure only this figure (all start)"
+        )
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     return mode, getattr(args, "only", None)
