@@ -24,7 +24,16 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from api import auth, body, errors, limits, metrics, middleware, openapi, rate_limit, services
     from api import batches as batch_store
-    from api.routes import batches, catalog, events, feedback, predictions, system, usage
+    from api.routes import (
+        batches,
+        catalog,
+        events,
+        feedback,
+        predictions,
+        system,
+        traces,
+        usage,
+    )
     from api.routes import config as config_routes
     from api.settings import ApiSettings
     from dspy_fleet.fleet_config import load_fleet_config
@@ -70,6 +79,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(system.bp)
     app.register_blueprint(predictions.bp)
     app.register_blueprint(feedback.bp)
+    app.register_blueprint(traces.bp)
     app.register_blueprint(catalog.bp)
     app.register_blueprint(batches.bp)
     app.register_blueprint(events.bp)

@@ -73,6 +73,13 @@ CALLBACK_ITEMS = _query(
 )
 OBJ = {"type": "object"}
 E = schemas.ErrorResponse
+TRACE_FILTERS = [
+    _query("since", {"type": "string", "maxLength": 40},
+           "Kept since: a date or ISO 8601 time (default: every kept trace)."),
+    _query("variant", {"type": "string", "maxLength": 64},
+           "Only this variant's jobs (`none`: jobs without one)."),
+    _query("version", {"type": "string", "maxLength": 64}, "Only this program version."),
+]  # fmt: skip
 SSE = "text/event-stream"
 
 
@@ -217,7 +224,36 @@ OPERATIONS: list[Op] = [
                _query("control", {"type": "string", "maxLength": 64},
                       "The variant the others are compared with (default: first by name)."),
                _query("source", {"type": "string", "maxLength": 64},
-                      "Only this source's feedback (default: every source's).")]),
+                      "Only this source's feedback (default: every source's)."),
+               _query("version", {"type": "string", "maxLength": 64},
+                      "Only jobs that ran this program version (GET /v1/programs).")]),
+    Op("get", "/v1/programs/<program>/traces", "A program's kept traces", "catalog",
+       {"200": ("`{program, count, traces}`: the newest kept traces, newest first, each with "
+                "inputs, outputs, `lm_calls` (messages and answers), variant, "
+                "`program_version` and its `feedback` (README, Traces and examples). A "
+                "tenant's own jobs only.", OBJ),
+        "404": ("Unknown program (`unknown_program`).", E),
+        "422": ("Bad `since`, `variant`, `version` or `limit`.", E)},
+       params=[_path_param("program", "The program's name."), *TRACE_FILTERS,
+               _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                      "At most this many traces (default 100).")]),
+    Op("get", "/v1/programs/<program>/examples", "A program's kept traces as DSPy examples",
+       "catalog",
+       {"200": ("One JSON object a line (`application/x-ndjson`): the input and output "
+                "fields (feedback's `expected` where given), `dspy_score` and `dspy_fleet` "
+                "metadata; `dspy.Example(**record).with_inputs(*fields)` loads each, the "
+                "header `X-Input-Fields` naming the fields. A tenant's own jobs only.",
+                NDJSON),
+        "404": ("Unknown program (`unknown_program`).", E),
+        "422": ("Bad `since`, `variant`, `version` or `min_score`.", E)},
+       params=[_path_param("program", "The program's name."), *TRACE_FILTERS,
+               _query("min_score", {"type": "number", "minimum": 0, "maximum": 1},
+                      "Only examples whose mean feedback score is at least this.")]),
+    Op("get", "/v1/predictions/<job_id>/trace", "A prediction's kept trace", "predictions",
+       {"200": ("The trace, with its `feedback`.", OBJ),
+        "404": ("No trace kept for it (not sampled, no feedback, expired), or no such "
+                "prediction.", E)},
+       params=[JOB_ID]),
     Op("get", "/costs", "Fleet-wide cost and token totals", "catalog",
        {"200": ("Totals and breakdowns; each tenant entry with its `limits`, and `budgets`: "
                 "each tenant's usage against them (as GET /v1/usage).", OBJ),

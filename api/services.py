@@ -33,6 +33,7 @@ from dspy_fleet.store.catalog import CatalogReader
 from dspy_fleet.store.feedback import FeedbackStore
 from dspy_fleet.store.jobs import JobStore
 from dspy_fleet.store.quotas import Counted, QuotaBook
+from dspy_fleet.store.traces import TraceStore
 from dspy_fleet.webhooks.urls import AllowList
 
 log = logging.getLogger("dspy_fleet.api")
@@ -89,6 +90,8 @@ class Services:
         self.quotas = QuotaBook(self.redis, config.tenants)
         # Feedback and the A/B report's samples (api/routes/feedback.py).
         self.feedback = FeedbackStore(self.redis)
+        # Kept program traces and the examples built from them (api/routes/traces.py).
+        self.traces = TraceStore(self.redis)
         # Wakes long-polling requests; made on first use (api/routes/predictions.py).
         self.waiter: JobWaiter | None = None
         self.celery: Celery = make_celery(settings, publisher=True)

@@ -23,11 +23,12 @@ from bench.figures import (
     held_waits,
     io_concurrency,
     memory,
+    trace_cost,
     unit_costs,
     worker_throughput,
 )
 from bench.producers import Producers
-from bench.report import MODES, Figure, parse_mode, print_report
+from bench.report import MODES, Figure, parse_options, print_report
 from bench.stack import Stack, start_stack
 from dspy_fleet.devtools.procs import wait_until
 
@@ -64,8 +65,13 @@ def warm_up(b: Bench) -> None:
                                f"(logs in {b.stack.workdir})")  # fmt: skip
 
 
-def run(mode: str) -> list[Figure]:
-    """Start everything, measure every figure, stop everything."""
+# Figures that `--only` can run alone (they need only the running workers).
+ALONE = {"a": worker_throughput.measure, "j": dead_receiver.measure, "l": trace_cost.measure}
+
+
+def run(mode: str, only: str | None = None) -> list[Figure]:
+    """Start everything, measure every figure (``only``: that one, see ALONE), stop
+    everything."""
     sizes = MODES[mode]
     stack = start_stack()
     producers: Producers | None = None
@@ -75,6 +81,8 @@ def run(mode: str) -> list[Figure]:
         b = Bench(stack, sizes, producers)
         b.say(f"mode {mode}; services up; logs in {stack.workdir}")
         warm_up(b)
+        if only is not None:
+            return ALONE[only](b)
         figures: list[Figure] = []
         # Phase 1, workers running: throughput, latency, coalescing, fast-fail.
         figures += worker_throughput.measure(b)
@@ -84,6 +92,7 @@ def run(mode: str) -> list[Figure]:
         figures += fast_fail.measure(b)
         figures += dead_receiver.measure(b)
         figures += unit_costs.measure(b)
+        figures += trace_cost.measure(b)
         cache_hits.seed(b)
         figures += memory.worker(b)
         # Phase 2, workers stopped: the APIs' request rates, with no consumer taking CPU.
@@ -102,10 +111,10 @@ def run(mode: str) -> list[Figure]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the mode, run, print."""
-    mode = parse_mode("python -m bench", __doc__, argv)
+    mode, only = parse_options("python -m bench", __doc__, argv, alone=sorted(ALONE))
     header = machine()
     started = time.monotonic()
-    figures = run(mode)
+    figures = run(mode, only)
     print_report(figures, f"mode: {mode}, {time.monotonic() - started:.0f} s; " + "; ".join(header))
     return 0
 

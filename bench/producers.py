@@ -20,9 +20,11 @@ class Producers:
         self.bare: Celery = make_celery(load_settings(CommonSettings, redis_url=bare_redis))
         self.completions = Completions(ours_redis)  # pub/sub channels span databases
 
-    def publish(self, side: str, n: int, tag: str, callback_url: str | None = None) -> list[str]:
+    def publish(self, side: str, n: int, tag: str, callback_url: str | None = None,
+                program: str | None = None) -> list[str]:  # fmt: skip
         """Send ``n`` jobs with distinct questions (no cache can answer them); their ids.
-        ``callback_url`` (ours only) asks for a webhook when each ends (figure j)."""
+        ``callback_url`` (ours only) asks for a webhook when each ends (figure j);
+        ``program`` (ours only) names the program (figure k; default: the default one)."""
         ids = []
         for i in range(n):
             job_id = str(uuid.uuid4())
@@ -32,6 +34,8 @@ class Producers:
                           "input": question, "use_cache": False}  # fmt: skip
                 if callback_url is not None:
                     kwargs["callback_url"] = callback_url
+                if program is not None:
+                    kwargs["program"] = program
                 self.ours.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue="interactive")
             else:
                 self.bare.send_task("bare.predict", kwargs={"question": question},
@@ -40,10 +44,16 @@ class Producers:
         return ids
 
     def run(
-        self, side: str, n: int, tag: str, timeout: float, callback_url: str | None = None
+        self,
+        side: str,
+        n: int,
+        tag: str,
+        timeout: float,
+        callback_url: str | None = None,
+        program: str | None = None,
     ) -> tuple[list[float], int]:
         """Publish ``n`` jobs and wait for them: (completion times, jobs not succeeded)."""
-        ids = self.publish(side, n, tag, callback_url)
+        ids = self.publish(side, n, tag, callback_url, program)
         done = self.completions.wait(ids, timeout)
         failed = n - sum(1 for _, status in done if status == "SUCCESS")
         return [t for t, _ in done], failed

@@ -72,12 +72,25 @@ def spread(label: str, values: list[float]) -> str:
 
 def parse_mode(prog: str, doc: str | None, argv: list[str] | None) -> str:
     """``full`` by default, ``quick`` or ``smoke`` from the command line."""
+    return parse_options(prog, doc, argv)[0]
+
+
+def parse_options(
+    prog: str, doc: str | None, argv: list[str] | None, alone: list[str] | None = None
+) -> tuple[str, str | None]:
+    """The mode (as :func:`parse_mode`) and, when ``alone`` names figures that can run by
+    themselves, the one ``--only`` asked for (None: every figure)."""
     parser = argparse.ArgumentParser(prog=prog, description=doc)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="short runs")
     group.add_argument("--smoke", action="store_true", help="shortest runs (the test suite's)")
+    if alone:
+        parser.add_argument(
+            "--only", choices=alone, default=None, help="measure only this figure (all start)"
+        )
     args = parser.parse_args(argv)
-    return "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    return mode, getattr(args, "only", None)
 
 
 def print_report(figures: list[Figure], header: str) -> None:

@@ -41,6 +41,13 @@ models:
     lm_kwargs: {extra_headers: {X-Mock-Status: "500"}}
 programs:
   qa: {signature: "question -> answer"}
+  # Figure (k): the same program with tracing off and at 100 % (qa: the defaults).
+  qa_untraced:
+    signature: "question -> answer"
+    traces: {sample_rate: 0, keep_on_feedback: false}
+  qa_traced:
+    signature: "question -> answer"
+    traces: {sample_rate: 1}
 """
 
 

@@ -329,14 +329,75 @@ class FleetClient:
         since: str | None = None,
         control: str | None = None,
         source: str | None = None,
+        version: str | None = None,
     ) -> dict[str, Any]:
         """GET /v1/programs/<name>/report: per variant n, success rate, latency p50/p95, cost
         per request and mean feedback score; each variant tested against ``control``, with
-        a plain ``verdict`` line (README, A/B report). ``since``: a date or ISO 8601 time."""
+        a plain ``verdict`` line (README, A/B report). ``since``: a date or ISO 8601 time;
+        ``version``: jobs that ran that program version only."""
         params = {k: v for k, v in (("since", since), ("control", control),
-                                    ("source", source)) if v is not None}  # fmt: skip
+                                    ("source", source), ("version", version))
+                  if v is not None}  # fmt: skip
         resp = self._request("GET", f"/v1/programs/{program}/report", params=params or None)
         return dict(resp.json())
+
+    # -- traces and examples ----------------------------------------------------------------
+
+    def traces(
+        self,
+        program: str,
+        *,
+        since: str | None = None,
+        variant: str | None = None,
+        version: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """GET /v1/programs/<name>/traces: the program's newest kept traces (inputs, outputs,
+        LM calls, variant, program_version, feedback), newest first (README, Traces)."""
+        params = _params(since=since, variant=variant, version=version, limit=limit)
+        resp = self._request("GET", f"/v1/programs/{program}/traces", params=params or None)
+        return list(resp.json()["traces"])
+
+    def trace(self, job_id: str) -> dict[str, Any]:
+        """GET /v1/predictions/<id>/trace: the prediction's kept trace (NotFoundError: none)."""
+        return dict(self._request("GET", f"/v1/predictions/{job_id}/trace").json())
+
+    def examples(
+        self,
+        program: str,
+        *,
+        since: str | None = None,
+        variant: str | None = None,
+        version: str | None = None,
+        min_score: float | None = None,
+    ) -> tuple[list[str], Iterator[dict[str, Any]]]:
+        """GET /v1/programs/<name>/examples: the program's input field names and its
+        examples, streamed: dicts that ``dspy.Example(**record).with_inputs(*input_fields)``
+        loads (README, Traces and examples)."""
+        params = _params(since=since, variant=variant, version=version, min_score=min_score)
+        path = f"/v1/programs/{program}/examples"
+        try:
+            cm = self._http.stream("GET", path, params=params or None)
+            resp = cm.__enter__()
+        except httpx.HTTPError as exc:
+            raise TransportError("connection_error", f"GET {path} failed: {exc}") from exc
+        if resp.status_code >= 400:
+            resp.read()
+            cm.__exit__(None, None, None)
+            raise error_from(resp)
+        fields = [f for f in resp.headers.get("X-Input-Fields", "").split(",") if f]
+
+        def records() -> Iterator[dict[str, Any]]:
+            try:
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+            except httpx.HTTPError as exc:
+                raise TransportError("connection_error", f"GET {path} failed: {exc}") from exc
+            finally:
+                cm.__exit__(None, None, None)
+
+        return fields, records()
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -476,3 +537,8 @@ class FleetClient:
     def cancel_batch(self, batch_id: str) -> Batch:
         """POST /v1/batches/<id>/cancel: queued items are cancelled, running ones finish."""
         return Batch.model_validate(self._request("POST", f"/v1/batches/{batch_id}/cancel").json())
+
+
+def _params(**given: Any) -> dict[str, str]:
+    """Query parameters: the ones given, as text."""
+    return {k: str(v) for k, v in given.items() if v is not None}

@@ -127,6 +127,62 @@ class VariantConfig(BaseModel):
     state: Path | None = None
 
 
+class TraceConfig(BaseModel):
+    """What the worker records of a program's runs (dspy_fleet/store/traces.py): inputs,
+    outputs, each LM call's messages and answer, variant and program version. Traces go to
+    Redis (and to ``file`` when set), never to the logs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample_rate: float = Field(
+        default=0.01, ge=0, le=1, description="Share of the program's jobs whose trace is kept."
+    )
+    keep_on_feedback: bool = Field(
+        default=True,
+        description=(
+            "Also keep the trace of a job that was not sampled once it gets feedback: every "
+            "job's trace waits feedback_window_hours in a pending slot, and a feedback post "
+            "keeps it."
+        ),
+    )
+    feedback_window_hours: float = Field(
+        default=24, gt=0, le=24 * 30, description="How long a pending trace waits for feedback."
+    )
+    ttl_days: float = Field(default=7, gt=0, le=365, description="How long a kept trace lives.")
+    max_traces: int = Field(
+        default=10_000, ge=1, description="Kept traces per program (the oldest go first)."
+    )
+    max_trace_bytes: int = Field(
+        default=65_536,
+        ge=1024,
+        description=(
+            "Largest trace stored, in bytes of JSON: a larger one loses its LM calls' text "
+            "(marked truncated); if still larger it is dropped."
+        ),
+    )
+    sensitive_fields: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Input or output fields whose values are replaced by [redacted] before the trace "
+            "is stored, in inputs, outputs and inside the LM messages and answers."
+        ),
+    )
+    redact: str | None = Field(
+        default=None,
+        description='"pkg.mod:function" taking the trace dict and returning it redacted, '
+        "run after sensitive_fields.",
+    )
+    file: Path | None = Field(
+        default=None,
+        description="Also append each kept trace as one JSON line to this file (per worker).",
+    )
+
+    @property
+    def capturing(self) -> bool:
+        """Whether any job of the program records its trace at all."""
+        return self.sample_rate > 0 or self.keep_on_feedback
+
+
 class ProgramConfig(BaseModel):
     """One registered program: a signature string, a Signature class or a Module class."""
 
@@ -141,6 +197,7 @@ class ProgramConfig(BaseModel):
     model: str | None = Field(default=None, description="Default model alias for this program.")
     description: str = ""
     variants: dict[str, VariantConfig] = Field(default_factory=dict)
+    traces: TraceConfig = Field(default_factory=lambda: TraceConfig())
     cache_scope: Literal["tenant", "global"] = Field(
         default="tenant",
         description=(
@@ -243,6 +300,8 @@ def _resolve_paths(cfg: FleetConfig, base: Path) -> FleetConfig:
     for prog in cfg.programs.values():
         if prog.state is not None and not prog.state.is_absolute():
             prog.state = base / prog.state
+        if prog.traces.file is not None and not prog.traces.file.is_absolute():
+            prog.traces.file = base / prog.traces.file
         for var in prog.variants.values():
             if var.state is not None and not var.state.is_absolute():
                 var.state = base / var.state

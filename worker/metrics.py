@@ -85,6 +85,16 @@ WEBHOOK_ATTEMPTS = Counter(
     registry=REGISTRY,
 )
 
+# Traces (worker/traces.py), by what came of each one captured: kept (sampled), pending
+# (parked for feedback to keep), truncated (its LM calls' text dropped to fit the byte
+# cap; also kept or pending) or dropped (too large even so, or the redaction hook failed).
+TRACES = Counter(
+    "dspy_traces_total",
+    "Program traces this worker captured, by outcome.",
+    ["program", "outcome"],
+    registry=REGISTRY,
+)
+
 
 def count_cache_op(level: str, operation: str) -> None:
     """The cache's CountOp (dspy_fleet.store.cache): one cache operation of this process."""

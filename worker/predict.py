@@ -26,6 +26,7 @@ from dspy_fleet.errors import (
 from worker.dspy_env import dspy
 from worker.faults import map_provider_error
 from worker.programs import program_inputs
+from worker.traces import CURRENT as CURRENT_TRACE
 
 log = logging.getLogger("dspy_fleet.worker")
 
@@ -186,9 +187,14 @@ def call_program(
     settings: dict[str, Any] = {"lm": lm, "track_usage": True,
                                 "usage_tracker": _CallTracker(usage)}  # fmt: skip
     outcomes = None
+    heard: list[BaseCallback] = []
     if on_answer is not None or explain is not None:
         outcomes = _ProviderOutcomes(on_answer, explain)
-        settings["callbacks"] = [*dspy.settings.get("callbacks", []), outcomes]
+        heard.append(outcomes)
+    if (recorder := CURRENT_TRACE.get()) is not None:
+        heard.append(recorder)  # this job's trace (worker/traces.py): its LM calls
+    if heard:
+        settings["callbacks"] = [*dspy.settings.get("callbacks", []), *heard]
     try:
         with dspy.context(**settings):
             prediction = module(**inputs)

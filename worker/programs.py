@@ -32,7 +32,7 @@ class LoadedProgram:
     version: str
 
 
-def _import(path: str, key: str) -> Any:
+def import_path(path: str, key: str) -> Any:
     mod_name, _, attr = path.partition(":")
     if not attr:
         mod_name, _, attr = path.rpartition(".")
@@ -45,7 +45,7 @@ def _import(path: str, key: str) -> Any:
 def _build_module(name: str, cfg: ProgramConfig) -> dspy.Module:
     key = f"programs.{name}"
     if cfg.module is not None:
-        cls = _import(cfg.module, f"{key}.module")
+        cls = import_path(cfg.module, f"{key}.module")
         if not (isinstance(cls, type) and issubclass(cls, dspy.Module)):
             raise ConfigError(f"{key}.module: {cfg.module!r} is not a dspy.Module class")
         return cls()
@@ -53,7 +53,7 @@ def _build_module(name: str, cfg: ProgramConfig) -> dspy.Module:
     if "->" in cfg.signature:
         signature: Any = dspy.Signature(cfg.signature)
     else:
-        signature = _import(cfg.signature, f"{key}.signature")
+        signature = import_path(cfg.signature, f"{key}.signature")
         if not (isinstance(signature, type) and issubclass(signature, dspy.Signature)):
             raise ConfigError(f"{key}.signature: {cfg.signature!r} is not a dspy.Signature")
     predictor = dspy.ChainOfThought if cfg.predictor == "ChainOfThought" else dspy.Predict
@@ -141,13 +141,14 @@ def code_files(module: dspy.Module) -> list[tuple[str, Path]]:
 
 
 def _version(cfg: ProgramConfig, module: dspy.Module, state: Path | None) -> str:
-    """16 hex digits of SHA-256 over the program's config (not its variants or description),
-    its predictors' signatures and instructions, its saved state and its code files
+    """16 hex digits of SHA-256 over the program's config (not its variants, description or
+    traces), its predictors' signatures and instructions, its saved state and its code files
     (:func:`code_files`, each by its name and content)."""
     h = hashlib.sha256()
     h.update(
         json.dumps(
-            cfg.model_dump(mode="json", exclude={"variants", "description"}), sort_keys=True
+            cfg.model_dump(mode="json", exclude={"variants", "description", "traces"}),
+            sort_keys=True,
         ).encode()
     )
     for predictor in module.predictors():

@@ -31,7 +31,7 @@ from dspy_fleet.routing import pick_model
 from dspy_fleet.store import ledger
 from dspy_fleet.store.breakers import Decision
 from dspy_fleet.store.jobs import job_record
-from worker import metrics
+from worker import metrics, traces
 from worker.lm import bundled_price
 from worker.predict import Usage, as_job_error
 from worker.programs import LoadedProgram
@@ -166,6 +166,16 @@ def _predict(rt: Runtime, msg: JobMessage, plan: Plan, program: LoadedProgram, a
              decision: Decision | None) -> dict[str, Any]:  # fmt: skip
     usage = Usage()
     started = time.perf_counter()
+    recorder = traces.begin(rt.config.programs[plan.program].traces)
+    traced = traces.CURRENT.set(recorder)
+
+    def trace(status: str, model: str, outputs: dict[str, Any] | None, cached: bool,
+              error_code: str | None = None) -> dict[str, str]:  # fmt: skip
+        if recorder is None or not (recorder.sampled or status == "succeeded"):
+            return {}  # only a succeeded job takes feedback: no failure waits for it
+        return traces.fields(recorder, msg, plan, program, status=status, model=model,
+                             outputs=outputs, cached=cached, error_code=error_code)  # fmt: skip
+
     metrics.ACTIVE.inc()
     try:
         served = serve(rt, plan, program, msg, usage, attempt, decision)
@@ -180,7 +190,8 @@ def _predict(rt: Runtime, msg: JobMessage, plan: Plan, program: LoadedProgram, a
         err = _gave_up(rt, turn)
         dims = (plan.model, plan.variant or "none", plan.program, msg.tenant)
         cost = _cost(rt, plan.model, plan.variant, usage, started, attempt, entry=None)
-        _finish_failed(rt, msg.job_id, token, err, cost=cost, dims=dims)
+        _finish_failed(rt, msg.job_id, token, err, cost=cost, dims=dims,
+                       extra=trace("failed", plan.model, None, False, err.code))  # fmt: skip
         raise JobFailed(err.to_dict()) from None
     except redis.RedisError:
         raise  # our infrastructure failed, not the job: the task hands the message back
@@ -188,12 +199,14 @@ def _predict(rt: Runtime, msg: JobMessage, plan: Plan, program: LoadedProgram, a
         err = as_job_error(exc)
         dims = (plan.model, plan.variant or "none", plan.program, msg.tenant)
         cost = _cost(rt, plan.model, plan.variant, usage, started, attempt, entry=None)
-        _finish_failed(rt, msg.job_id, token, err, cost=cost, dims=dims)
+        _finish_failed(rt, msg.job_id, token, err, cost=cost, dims=dims,
+                       extra=trace("failed", plan.model, None, False, err.code))  # fmt: skip
         raise JobFailed(err.to_dict()) from None
     # Anything else (SystemExit on a hard shutdown) is not the job's fault: the job is
     # left unfinished so that its redelivered message runs it again.
     finally:
         metrics.ACTIVE.dec()
+        traces.CURRENT.reset(traced)
     model = served.model  # a fallback, maybe: the model that served is the one billed
     cached = served.source != "computed"
     # An entry this same job computed (a delivery that paid the provider, then failed to
@@ -206,6 +219,7 @@ def _predict(rt: Runtime, msg: JobMessage, plan: Plan, program: LoadedProgram, a
                               "attempts": attempt}  # fmt: skip
     if model != plan.model:
         fields["requested_model"] = plan.model
+    fields.update(trace("succeeded", model, served.entry["outputs"], cached))
     dims = (model, plan.variant or "none", plan.program, msg.tenant)
     earlier = _finish(rt, msg.job_id, token, fields, dims)
     if earlier is not None:
@@ -354,10 +368,11 @@ def _lost_lease() -> None:
 
 
 def _finish_failed(rt: Runtime, job_id: str, token: str, err: JobError, *,
-                   cost: CostRecord | None,
-                   dims: tuple[str, str, str, str] | None) -> None:  # fmt: skip
+                   cost: CostRecord | None, dims: tuple[str, str, str, str] | None,
+                   extra: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Finish the job as failed; ``extra``: more fields for its record (its trace's)."""
     fields = {"status": "failed", "error": err.to_dict(), "finished_at": utcnow(),
-              "cost": cost.to_dict() if cost else None}  # fmt: skip
+              "cost": cost.to_dict() if cost else None, **(extra or {})}  # fmt: skip
     bill = None
     if dims and cost:
         bill = ledger.make_bill(cost.to_dict(), status="failed", dims=dims, day=utcnow().date())

@@ -25,6 +25,7 @@ from dspy_fleet.errors import (
     RequestValidationError,
     UnknownProgramError,
 )
+from dspy_fleet.fleet_config import TraceConfig
 from dspy_fleet.schemas import FeedbackRequest
 from dspy_fleet.store.feedback import KEEP_DAYS, FeedbackStore
 
@@ -58,7 +59,11 @@ def post_feedback(job_id: str) -> tuple[Response, int]:
     doc = {"prediction_id": job_id, **req.model_dump(exclude_none=True),
            "program": program, "variant": job.get("variant") or "none",
            "created_at": utcnow().isoformat().replace("+00:00", "Z")}  # fmt: skip
-    posted = _store().post(job_id, program, req.source, doc)
+    cfg = services().config.programs.get(program)
+    tracing = cfg.traces if cfg is not None else TraceConfig()
+    posted = _store().post(job_id, program, req.source, doc,
+                           trace_ttl_seconds=int(tracing.ttl_days * 86400),
+                           trace_cap=tracing.max_traces)  # fmt: skip
     if posted.status == "missing":
         raise NotFoundError(f"no prediction with id {job_id!r}")
     if posted.status != "ok":
@@ -85,6 +90,12 @@ def _since(raw: str | None) -> datetime:
     now = datetime.now(UTC)
     if raw is None:
         return now - timedelta(days=DEFAULT_REPORT_DAYS)
+    return max(parse_time(raw), now - timedelta(days=KEEP_DAYS))
+
+
+def parse_time(raw: str) -> datetime:
+    """A ``since`` query parameter: a date (midnight UTC) or an ISO 8601 time (UTC when it
+    names no zone); RequestValidationError (422) otherwise."""
     try:
         if len(raw) == 10:
             value = datetime.combine(date.fromisoformat(raw), datetime.min.time(), UTC)
@@ -97,10 +108,10 @@ def _since(raw: str | None) -> datetime:
             "since must be a date (2026-01-31) or an ISO 8601 time (2026-01-31T12:00:00Z)",
             details={"errors": [{"field": "since", "message": "expected ISO 8601"}]},
         ) from None
-    return max(value, now - timedelta(days=KEEP_DAYS))
+    return value
 
 
-def _name_param(name: str) -> str | None:
+def name_param(name: str) -> str | None:
     raw = request.args.get(name)
     if raw is not None and not (0 < len(raw) <= 64 and set(raw) <= _NAME_CHARS):
         raise RequestValidationError(
@@ -122,8 +133,9 @@ def report(program: str) -> Response:
         raise UnknownProgramError(f"unknown program {program!r}",
                                   details={"program": program})  # fmt: skip
     since = _since(request.args.get("since"))
-    control = _name_param("control")
-    source = _name_param("source")
+    control = name_param("control")
+    source = name_param("source")
+    version = name_param("version")
     known = sorted(cfg.variants) or ["none"]
     if control is not None and control not in known:
         raise RequestValidationError(
@@ -131,8 +143,9 @@ def report(program: str) -> Response:
             details={"errors": [{"field": "control", "message": "unknown variant"}]},
         )
     outcomes, scores = _store().samples(program, since.timestamp(),
-                                        tenant=g.get("tenant_filter"), source=source)  # fmt: skip
+                                        tenant=g.get("tenant_filter"), source=source,
+                                        version=version)  # fmt: skip
     body = abtest.report(outcomes, scores, control=control, known=known)
     return jsonify({"program": program, "since": since.isoformat().replace("+00:00", "Z"),
                     "until": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-                    "source": source, **body})  # fmt: skip
+                    "source": source, "version": version, **body})  # fmt: skip

@@ -72,15 +72,18 @@ def _fmt(value: Any, spec: str = "") -> str:
 @click.option("--since", default=None, help="A date or ISO 8601 time (default: 7 days ago).")
 @click.option("--control", default=None, help="The variant to compare with (default: first).")
 @click.option("--source", default=None, help="Only this source's feedback.")
+@click.option("--version", "version", default=None, help="Only jobs of this program version.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report's JSON.")
 @URL
 @API_KEY
 def report(program: str, since: str | None, control: str | None, source: str | None,
-           as_json: bool, url: str, api_key: str | None) -> None:  # fmt: skip
+           version: str | None, as_json: bool, url: str, api_key: str | None) -> None:  # fmt: skip
     """The A/B report of PROGRAM's variants: a table and the verdict line."""
     with _client(url, api_key) as fleet:
         try:
-            body = fleet.report(program, since=since, control=control, source=source)
+            body = fleet.report(
+                program, since=since, control=control, source=source, version=version
+            )
         except ClientError as exc:
             _fail(exc)
     if as_json:

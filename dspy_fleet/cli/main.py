@@ -176,6 +176,10 @@ def _register_loop() -> None:
 
     main.add_command(feedback, "feedback")
     main.add_command(report, "report")
+    from dspy_fleet.cli.examples import examples, traces
+
+    main.add_command(examples, "examples")
+    main.add_command(traces, "traces")
 
 
 _register_loop()

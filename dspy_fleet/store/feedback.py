@@ -8,6 +8,9 @@ Two records, both per program, both trimmed to a retention window and a size cap
   ``failed`` (cancelled jobs never ran: not a sample)::
 
       <job_id>|<variant or none>|<status>|<latency ms or ''>|<cost USD or ''>|<cached 0/1>|<tenant>
+      |<program version or ''>
+
+  (members written before versions were recorded have no last part: version unknown).
 
   Written by the script that finishes the job (store/jobs.py ``_FINISH``, and ``_CREATE``
   for a job born finished from the API's cache), in the same atomic step as its bill, so
@@ -35,6 +38,7 @@ from typing import Any, cast
 import redis
 
 from dspy_fleet.contract import RAN_STATUSES
+from dspy_fleet.store.traces import KEEP_TRACE
 
 OUTCOMES_PREFIX = "dspy_fleet:outcomes:"
 FEEDBACK_PREFIX = "dspy_fleet:feedback:"
@@ -56,7 +60,8 @@ local SAMPLED = {{{", ".join(f"{s} = true" for s in sorted(RAN_STATUSES))}}}
 """
     + """
 local function record_outcome(job_key, job_id)
-  local f = redis.call('HMGET', job_key, 'program', 'variant', 'status', 'cost', 'tenant')
+  local f = redis.call('HMGET', job_key, 'program', 'variant', 'status', 'cost', 'tenant',
+                    'program_version')
   if not f[1] or not SAMPLED[f[3]] then return end
   local latency, usd, cached = '', '', '0'
   if f[4] then
@@ -71,7 +76,7 @@ local function record_outcome(job_key, job_id)
   local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
   local key = OUTCOMES .. f[1]
   redis.call('ZADD', key, now, table.concat({job_id, f[2] or 'none', f[3], latency, usd,
-             cached, f[5] or ''}, '|'))
+             cached, f[5] or '', f[6] or ''}, '|'))
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - OUT_KEEP)
   redis.call('ZREMRANGEBYRANK', key, 0, -(OUT_CAP + 1))
   redis.call('EXPIRE', key, OUT_KEEP)
@@ -80,10 +85,14 @@ end
 )
 
 # Store one source's feedback on a succeeded job, replacing that source's earlier one.
+# The feedback is also copied onto the job's kept trace, keeping its pending trace first
+# (store/traces.py: trace_feedback), so that examples exported later carry it.
 # KEYS: job, feedback zset, scores hash. ARGV: job id, source, JSON, score, keep s, cap,
-# trim batch, the status succeeded.
-# Returns {'missing'} | {'status', <status>} | {'ok', replaced 0/1, variant}.
-_POST = """
+# trim batch, the status succeeded, program, trace ttl s, trace cap.
+# Returns {'missing'} | {'status', <status>} | {'ok', replaced 0/1, variant, traced 0/1}.
+_POST = (
+    KEEP_TRACE
+    + """
 local f = redis.call('HMGET', KEYS[1], 'status', 'variant', 'tenant')
 if not f[1] then return {'missing'} end
 if f[1] ~= ARGV[8] then return {'status', f[1]} end
@@ -110,8 +119,11 @@ if #old > 0 then
 end
 redis.call('EXPIRE', KEYS[2], keep)
 redis.call('EXPIRE', KEYS[3], keep)
-return {'ok', replaced, variant}
+local traced = trace_feedback(ARGV[9], ARGV[1], field, ARGV[3], tonumber(ARGV[10]),
+                              tonumber(ARGV[11]))
+return {'ok', replaced, variant, traced}
 """
+)
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class Outcome:
     cost_usd: float | None
     cached: bool
     tenant: str
+    program_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,11 +154,13 @@ class Score:
 @dataclass(frozen=True)
 class Posted:
     """What :meth:`FeedbackStore.post` did: ``status`` 'ok', 'missing' or the job's status
-    (not succeeded: nothing stored); ``replaced`` when this source had posted before."""
+    (not succeeded: nothing stored); ``replaced`` when this source had posted before;
+    ``traced`` when the job's trace is kept with the feedback on it."""
 
     status: str
     replaced: bool = False
     variant: str | None = None
+    traced: bool = False
 
 
 def _opt(text: str) -> float | None:
@@ -155,10 +170,12 @@ def _opt(text: str) -> float | None:
 def parse_outcome(member: str) -> Outcome | None:
     """An outcomes member as an :class:`Outcome` (None for a malformed one)."""
     parts = member.split(SEP)
-    if len(parts) != 7:
+    if len(parts) not in (7, 8):
         return None
-    job_id, variant, status, latency, usd, cached, tenant = parts
-    return Outcome(job_id, variant, status, _opt(latency), _opt(usd), cached == "1", tenant)
+    job_id, variant, status, latency, usd, cached, tenant = parts[:7]
+    version = parts[7] if len(parts) == 8 and parts[7] else None
+    return Outcome(job_id, variant, status, _opt(latency), _opt(usd), cached == "1", tenant,
+                   version)  # fmt: skip
 
 
 class FeedbackStore:
@@ -169,20 +186,23 @@ class FeedbackStore:
         self.client = client
         self._post = client.register_script(_POST)
 
-    def post(self, job_id: str, program: str, source: str, body: Mapping[str, Any]) -> Posted:
+    def post(self, job_id: str, program: str, source: str, body: Mapping[str, Any], *,
+             trace_ttl_seconds: int = 7 * 86400, trace_cap: int = 10_000) -> Posted:  # fmt: skip
         """Store ``body`` (with its ``score``) as ``source``'s feedback on the job, replacing
-        that source's earlier one; only on a succeeded job (else nothing is written)."""
+        that source's earlier one; only on a succeeded job (else nothing is written). The
+        job's trace, kept or pending, is kept with the feedback on it for
+        ``trace_ttl_seconds``, among at most ``trace_cap`` of the program's traces."""
         from dspy_fleet.store.jobs import JobStore
 
         doc = json.dumps(dict(body), separators=(",", ":"))
         out = self._post(
             keys=[JobStore.key(job_id), FEEDBACK_PREFIX + program, SCORES_PREFIX + program],
             args=[job_id, source, doc, repr(float(body["score"])), KEEP_SECONDS, CAP,
-                  _TRIM_BATCH, "succeeded"],
+                  _TRIM_BATCH, "succeeded", program, trace_ttl_seconds, trace_cap],
         )  # fmt: skip
         status = _text(out[0])
         if status == "ok":
-            return Posted("ok", bool(int(out[1])), _text(out[2]))
+            return Posted("ok", bool(int(out[1])), _text(out[2]), bool(int(out[3])))
         return Posted(_text(out[1]) if status == "status" else "missing")
 
     def of_job(self, job: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -194,11 +214,17 @@ class FeedbackStore:
         return out
 
     def samples(
-        self, program: str, since: float, tenant: str | None = None, source: str | None = None
+        self,
+        program: str,
+        since: float,
+        tenant: str | None = None,
+        source: str | None = None,
+        version: str | None = None,
     ) -> tuple[list[Outcome], list[Score]]:
         """The program's outcomes of jobs that finished at or after ``since`` (Unix seconds,
         Redis's clock), and the feedback scores on those jobs (``source``: that source's
-        only); ``tenant``: that tenant's only."""
+        only); ``tenant``: that tenant's only; ``version``: jobs that ran that program
+        version only."""
         pipe = self.client.pipeline(transaction=False)
         pipe.zrangebyscore(OUTCOMES_PREFIX + program, since, "+inf")
         pipe.zrangebyscore(FEEDBACK_PREFIX + program, since, "+inf")
@@ -206,6 +232,8 @@ class FeedbackStore:
         outcomes = [o for m in raw_outcomes if (o := parse_outcome(_text(m))) is not None]
         if tenant is not None:
             outcomes = [o for o in outcomes if o.tenant == tenant]
+        if version is not None:
+            outcomes = [o for o in outcomes if o.program_version == version]
         window = {o.job_id for o in outcomes}
         members = [_text(m) for m in members]
         if source is not None:

@@ -20,6 +20,7 @@ import redis
 from dspy_fleet.contract import DEFAULT_TENANT, TERMINAL_STATUSES, JobMessage
 from dspy_fleet.store import ledger, quotas
 from dspy_fleet.store.feedback import RECORD_OUTCOME
+from dspy_fleet.store.traces import STASH_TRACE
 
 KEY_PREFIX = "dspy_fleet:job:"
 FINISHED_PREFIX = "dspy_fleet:finished:"
@@ -203,7 +204,8 @@ if hit then return hit end
 # The bill also goes to the tenant's quota counters (tokens today, spend this month, on
 # Redis's clock) and turns the job's budget reservation into spend (store/quotas.py); a job
 # with a callback is due for its webhook (_CALLBACK_DUE); a job that ran to succeeded or
-# failed is sampled for its program's A/B report (store/feedback.py: record_outcome).
+# failed is sampled for its program's A/B report (store/feedback.py: record_outcome); the
+# trace the worker left on the record is kept or parked (store/traces.py: stash_trace).
 # KEYS: job, finished marker, pending set, lease, wake set, [day hash, quota hash,
 # in-flight hash, in-flight deadlines].
 # ARGV: ttl, job id, token, n, pairs, [day ttl, model, tokens, nano-USD, keep s, bill].
@@ -211,6 +213,7 @@ _FINISH = (
     _CALLBACK_DUE
     + JOB_EVENT
     + RECORD_OUTCOME
+    + STASH_TRACE
     + quotas.CALENDAR
     + quotas.SPEND_FUNCTION
     + """
@@ -237,6 +240,7 @@ if #KEYS == 9 then
 end
 callback_due(KEYS[1], ARGV[2])
 record_outcome(KEYS[1], ARGV[2])
+stash_trace(KEYS[1], ARGV[2])
 job_event(KEYS[1], ARGV[2], false)
 local waiting = redis.call('SMEMBERS', KEYS[5])
 if #waiting > 0 then

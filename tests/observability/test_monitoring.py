@@ -381,6 +381,7 @@ WORKER_FAMILIES = {
     "dspy_token_usage_total",
     "dspy_active_predictions",
     "dspy_errors_total",
+    "dspy_traces_total",  # traces captured, by outcome (worker/traces.py)
 }
 
 
