@@ -28,10 +28,10 @@ import httpx
 import pytest
 import redis
 
-from api.auth import hash_key, new_key
+from api.auth import new_key
 from dspy_fleet.client import FleetClient, NotFoundError
 from dspy_fleet.store.traces import TraceStore
-from tests.conftest import TEST_ENV, MockLLM, OwnStack
+from tests.conftest import MockLLM, OwnStack, running_fleet
 
 CONFIG = """
 default_model: mock
@@ -52,9 +52,6 @@ programs:
 """
 SSN = "987-65-4321"
 KEYS = {"alpha": new_key(), "beta": new_key(), "ops": new_key()}
-API_KEYS = ",".join(
-    f"{t}:{hash_key(k)}" + (":admin" if t == "ops" else "") for t, k in KEYS.items()
-)
 CLI = str(Path(sys.executable).with_name("dspy-fleet"))
 
 
@@ -65,20 +62,9 @@ def write_config(path: Path, state: Path | None = None) -> None:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, mock_llm: MockLLM) -> Iterator[OwnStack]:
-    base = tmp_path_factory.mktemp("round-trip")
-    write_config(base / "fleet.yaml")
-    env = {**TEST_ENV, "DSPY_FLEET_CONFIG": str(base / "fleet.yaml"),
-           "DSPY_FLEET_API_KEYS": API_KEYS}  # fmt: skip
-    stack = OwnStack(base, env=env)
-    try:
-        stack.start_redis()
-        stack.use_mock_llm(mock_llm)
-        with stack.together():
-            stack.start_worker("worker-1")
-            stack.start_api()
+    with running_fleet(tmp_path_factory.mktemp("round-trip"), config=CONFIG.format(variant_b=""),
+                       keys=KEYS, admins={"ops"}, mock=mock_llm) as stack:  # fmt: skip
         yield stack
-    finally:
-        stack.stop()
 
 
 def sdk(fleet: OwnStack, tenant: str) -> FleetClient:
@@ -185,7 +171,7 @@ def test_export_then_compile_then_deploy_as_variant_b(
     # Deploy: the state as variant b; the worker and the API read the new config.
     write_config(Path(fleet.workdir) / "fleet.yaml", state)
     with fleet.together():
-        fleet.restart("worker-1")
+        fleet.restart(fleet.workers[0].name)
         fleet.restart("api")
     with sdk(fleet, "alpha") as alpha:
         b = alpha.submit(program="qa", variant="b", wait=30, use_cache=False,
