@@ -6,6 +6,7 @@ import logging
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +22,11 @@ SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 DEFAULT_CONFIG_FILE = Path(__file__).with_name("default_config.yaml")
 
+# Broker URL schemes the fleet runs on: kombu's Redis transport and RabbitMQ (py-amqp).
+REDIS_BROKER_SCHEMES = ("redis", "rediss", "unix")
+AMQP_BROKER_SCHEMES = ("amqp", "amqps", "pyamqp")
+BROKER_SCHEMES = REDIS_BROKER_SCHEMES + AMQP_BROKER_SCHEMES
+
 
 class CommonSettings(BaseSettings):
     """Settings both processes read: where Redis is, the config file, limits that must agree."""
@@ -31,7 +37,11 @@ class CommonSettings(BaseSettings):
 
     env: Literal["local", "production"] = "local"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    broker_url: str | None = Field(default=None, description="Defaults to redis_url.")
+    broker_url: str | None = Field(
+        default=None,
+        description="Defaults to redis_url. Redis (redis://, rediss://, unix://) or RabbitMQ "
+        "(amqp://, amqps://); any other scheme is refused at start-up.",
+    )
     result_backend: str | None = Field(default=None, description="Defaults to redis_url.")
     config: Path = Field(default=DEFAULT_CONFIG_FILE, description="Models and programs YAML.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -72,6 +82,16 @@ class CommonSettings(BaseSettings):
         from dspy_fleet.webhooks.urls import AllowList  # it imports the contract, not us
 
         AllowList.parse(value)  # ValueError names the bad entry
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_supported(cls, value: str | None) -> str | None:
+        # Recovery, queue lengths and readiness ask the broker through
+        # dspy_fleet/broker/backends.py, which knows these two transports only.
+        if value is not None and urlsplit(value).scheme.lower() not in BROKER_SCHEMES:
+            schemes = ", ".join(s + "://" for s in BROKER_SCHEMES)
+            raise ValueError(f"unsupported broker URL scheme; supported: {schemes}")
         return value
 
     @model_validator(mode="after")

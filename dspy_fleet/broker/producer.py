@@ -21,8 +21,8 @@ from typing import Any
 
 import redis
 from celery import Celery
-from kombu.exceptions import KombuError
 
+from dspy_fleet.broker.backends import PUBLISH_ERRORS, broker_for
 from dspy_fleet.broker.celery_config import make_celery, send_job
 from dspy_fleet.contract import (
     DEFAULT_TENANT,
@@ -173,6 +173,8 @@ class Publisher:
         celery.conf.broker_transport_options = options
         self.celery = celery
         self.client = client
+        # Marks confirmed publishes for the due sweep (a no-op with the Redis transport).
+        self.broker = broker_for(str(celery.conf.broker_url))
         self.ttl = ttl_seconds
         self.recovery_after = recovery_after  # RECOVERY_AFTER_SECONDS, for the due-time index
 
@@ -280,7 +282,7 @@ class Publisher:
                         # The anonymous exchange needs no queue declaration per message.
                         declare=[],
                     )
-        except (KombuError, redis.RedisError, OSError) as exc:
+        except PUBLISH_ERRORS as exc:
             # KombuError covers BatchPublishError (a failed pipeline flush: some messages
             # may have reached the queue) and OperationalError. The records (with their
             # messages) are stored: the jobs are accepted, and the workers' due sweep
@@ -293,6 +295,11 @@ class Publisher:
                 exc,
             )
             return False
+        try:
+            self.broker.mark_published(self.client, [m.job_id for m in fresh])
+        except redis.RedisError as exc:
+            # Unmarked jobs are published once more by the due sweep: duplicates, harmless.
+            log.warning("could not mark %d published jobs: %s", len(fresh), exc)
         return True
 
 
