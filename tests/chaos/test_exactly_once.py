@@ -254,11 +254,15 @@ def test_kills_duplicates_and_slow_calls_bill_every_job_once(chaos: ChaosStack) 
     kills_duplicates_and_slow_calls(chaos, JOBS)
 
 
-def kills_duplicates_and_slow_calls(chaos: ChaosStack, jobs: int) -> dict[str, Any]:
+def kills_duplicates_and_slow_calls(
+    chaos: ChaosStack, jobs: int, *, redelivers_running: bool = True
+) -> dict[str, Any]:
     """``jobs`` batch jobs, every 10th published twice, three kill -9 of the one worker
     while 10 % of calls hang SLOW_SECONDS: every job succeeds, is billed once, and calls
     the provider at most once more per job running at a kill. Returns the figures (for
-    the RabbitMQ run: tests/chaos/test_rabbitmq.py)."""
+    the RabbitMQ run: tests/chaos/test_rabbitmq.py). ``redelivers_running``: the broker
+    redelivers a message whose call outlives the visibility timeout (Redis; RabbitMQ has
+    no such timeout), so some delivery must have found its job leased."""
     chaos.env.update(SHORT_REDELIVERY)
     # 10 % of calls hang for SLOW_SECONDS before answering; the rest take 30 ms.
     chaos.mock.set_faults(latency_ms=30, hang_rate=0.1, hang_seconds=SLOW_SECONDS)
@@ -300,6 +304,6 @@ def kills_duplicates_and_slow_calls(chaos: ChaosStack, jobs: int) -> dict[str, A
     records = chaos.records(ids)
     assert_billed_once(records, chaos.costs())
     # Duplicates and redeliveries of running jobs happened, and none called the provider.
-    assert left_to_owner > 0
+    assert left_to_owner > 0 or not redelivers_running
     return {"ids": ids, "calls": calls, "bound": bound, "elapsed": elapsed,
             "running_at_kills": running_at_kills}  # fmt: skip

@@ -10,6 +10,7 @@ during and after it done once; any AMQP error of a publish is never a 500.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import time
@@ -83,11 +84,30 @@ def test_kills_and_duplicates_on_rabbitmq_republish_nothing_that_merely_waited(
     chaos, _ = amqp
     # 300 jobs queued before the first worker starts: most wait in RabbitMQ far longer
     # than RECOVERY_AFTER_SECONDS (5 s), which the old sweep republished as lost.
-    figures = kills_duplicates_and_slow_calls(chaos, 300)
+    figures = kills_duplicates_and_slow_calls(chaos, 300, redelivers_running=False)
     logs = _logs(chaos)
+    lost = _republished(logs)
+    # A job a killed worker's sweep had just taken over (status queued again) but not yet
+    # published is truly lost, and is republished; a job that merely waited never is.
+    merely_waited = [j for j in lost if not _ran_before(chaos, j)]
     print(f"RabbitMQ: {figures['calls']} calls (bound {figures['bound']}), "
-          f"{logs.count('lease lapsed')} takeovers, {logs.count(LOST)} lost-message republishes")  # fmt: skip
-    assert logs.count(LOST) == 0
+          f"{logs.count('lease lapsed')} takeovers logged, {len(lost)} lost-message "
+          f"republishes, {len(merely_waited)} of jobs that had never run")  # fmt: skip
+    assert merely_waited == []
+    assert len(lost) <= sum(figures["running_at_kills"])
+
+
+def _republished(logs: str) -> set[str]:
+    """Ids of the jobs the due sweep republished as lost."""
+    lines = "\n".join(line for line in logs.splitlines() if LOST in line)
+    return set(re.findall(r"[0-9a-f]{8}-[0-9a-f-]{27}", lines))
+
+
+def _ran_before(chaos: ChaosStack, job_id: str) -> bool:
+    """Whether the job's event log shows it running before it was queued again."""
+    events = [json.loads(e) for e in chaos.redis.lrange("dspy_fleet:events:" + job_id, 0, -1)]
+    statuses = [e["status"] for e in events]
+    return "running" in statuses and "queued" in statuses[statuses.index("running") :]
 
 
 @pytest.mark.serial
@@ -139,8 +159,7 @@ def test_a_20_s_broker_outage_loses_nothing_and_ready_comes_back(
     assert (api.child.pid, worker.child.pid) == pids and api.child.alive() and worker.child.alive()
     # Only jobs whose publish failed were republished as lost.
     logs = _logs(chaos)
-    republished = {i for i in re.findall(r"[0-9a-f-]{36}", "\n".join(
-        line for line in logs.splitlines() if LOST in line))}  # fmt: skip
+    republished = _republished(logs)
     assert republished <= set(during), republished - set(during)
     print(
         f"\n{OUTAGE_SECONDS:.0f} s outage: /ready 200 again {ready_after:.1f} s after the "
