@@ -132,3 +132,25 @@ def test_with_redis_a_job_whose_message_waits_in_its_list_is_held(client: redis.
     time.sleep(CONFIRM_SECONDS + 0.1)
     sweeper.sweep()
     assert published.ids == [job_id]  # its message gone and no worker holds it: lost
+
+
+def test_a_broker_error_in_a_beat_never_stops_the_heartbeat(client: redis.Redis) -> None:
+    from kombu.exceptions import OperationalError
+
+    from dspy_fleet.store.heartbeats import Heartbeat, live_workers
+
+    beats: list[float] = []
+
+    def on_beat() -> None:
+        beats.append(time.monotonic())
+        raise OperationalError("the broker went away")
+
+    heartbeat = Heartbeat(client, "amqp-test-worker", {"queues": ["interactive"]}, 0.05,
+                          on_beat=on_beat)  # fmt: skip
+    heartbeat.start()
+    try:
+        time.sleep(0.4)
+        assert len(beats) >= 4  # it kept beating after the first error
+        assert "amqp-test-worker" in [w["hostname"] for w in live_workers(client, 1.0)]
+    finally:
+        heartbeat.stop()

@@ -77,14 +77,42 @@ def test_an_unsupported_broker_scheme_is_refused_at_start_up(
     assert isinstance(broker_for("amqp://guest:guest@127.0.0.1:1/"), AmqpBroker)
 
 
+def test_jobs_waiting_in_rabbitmq_past_recovery_after_are_not_republished(
+    amqp: tuple[ChaosStack, TcpProxy],
+) -> None:
+    chaos, _ = amqp
+    jobs = 160
+    # 4 slots at 250 ms a call: the backlog drains in ~10 s, so most jobs wait in RabbitMQ
+    # past RECOVERY_AFTER_SECONDS (5 s) + the confirming look (1 s).
+    chaos.mock.set_faults(latency_ms=250)
+    api = chaos.start_api()
+    bodies = [{"input": f"wait {i}: What is {i}+7?", "use_cache": False, "priority": "batch"}
+              for i in range(jobs)]  # fmt: skip
+    ids = [r.json()["id"] for r in post_many(api.url, bodies)]
+    t0 = time.monotonic()
+    chaos.start_worker(DSPY_FLEET_CONCURRENCY="4")
+    final = chaos.wait_all(ids, timeout=120)
+    drained = time.monotonic() - t0
+    assert all(s == "succeeded" for s in final.values()), final
+    logs = _logs(chaos)
+    print(
+        f"\n{jobs} jobs drained in {drained:.1f} s (RECOVERY_AFTER_SECONDS=5); "
+        f"{logs.count(LOST)} republished as lost"
+    )
+    assert drained > 8  # the backlog did outlast recovery_after + the confirming look
+    assert logs.count(LOST) == 0
+    assert chaos.mock.stats()["chat_completions"] == jobs
+    assert_billed_once(chaos.records(ids), chaos.costs())
+
+
 @pytest.mark.serial
 def test_kills_and_duplicates_on_rabbitmq_republish_nothing_that_merely_waited(
     amqp: tuple[ChaosStack, TcpProxy],
 ) -> None:
     chaos, _ = amqp
-    # 300 jobs queued before the first worker starts: most wait in RabbitMQ far longer
+    # 200 jobs queued before the first worker starts: many wait in RabbitMQ longer
     # than RECOVERY_AFTER_SECONDS (5 s), which the old sweep republished as lost.
-    figures = kills_duplicates_and_slow_calls(chaos, 300, redelivers_running=False)
+    figures = kills_duplicates_and_slow_calls(chaos, 200, redelivers_running=False)
     logs = _logs(chaos)
     lost = _republished(logs)
     # A job a killed worker's sweep had just taken over (status queued again) but not yet
