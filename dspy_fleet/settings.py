@@ -283,6 +283,18 @@ def load_settings(cls: type[SettingsT], **overrides: object) -> SettingsT:
         raise ConfigError(describe_validation_error(exc, env_prefix="DSPY_FLEET_")) from None
 
 
+def _without_password(value: object) -> object:
+    """A URL's password masked (a refused broker or Redis URL may carry one); else the value."""
+    if isinstance(value, str) and "://" in value:
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            return value
+        if password:
+            return value.replace(f":{password}@", ":***@", 1)
+    return value
+
+
 def describe_validation_error(exc: ValidationError, *, env_prefix: str = "") -> str:
     """One line per bad key, naming it the way the user wrote it."""
     lines = []
@@ -290,6 +302,6 @@ def describe_validation_error(exc: ValidationError, *, env_prefix: str = "") -> 
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
         name = f"{env_prefix}{loc.upper()}" if env_prefix and err["loc"] else loc
         value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = "" if isinstance(value, dict) else f" (got {_without_password(value)!r})"
         lines.append(f"{name}: {err['msg']}{shown}")
     return "invalid configuration: " + "; ".join(lines)

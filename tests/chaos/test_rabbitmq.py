@@ -79,6 +79,11 @@ def test_an_unsupported_broker_scheme_is_refused_at_start_up(
         with pytest.raises(ConfigError, match="unsupported broker scheme"):
             check_broker_url(url)
     assert isinstance(broker_for("amqp://guest:guest@127.0.0.1:1/"), AmqpBroker)
+    # The refusal names the URL, never its password.
+    monkeypatch.setenv("DSPY_FLEET_BROKER_URL", "amqpx://fleet:s3cret-pw@rabbit:5672/v")
+    with pytest.raises(ConfigError) as refused:
+        load_settings(CommonSettings)
+    assert "s3cret-pw" not in str(refused.value) and "fleet:***@rabbit" in str(refused.value)
 
 
 def test_a_backlog_in_rabbitmq_is_measured_and_never_republished_as_lost(
