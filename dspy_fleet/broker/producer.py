@@ -22,7 +22,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from dspy_fleet.broker.backends import PUBLISH_ERRORS, broker_for
+from dspy_fleet.broker.backends import PUBLISH_ERRORS, broker_for, is_amqp
 from dspy_fleet.broker.celery_config import make_celery, send_job
 from dspy_fleet.contract import (
     DEFAULT_TENANT,
@@ -175,6 +175,12 @@ class Publisher:
         self.client = client
         # Marks confirmed publishes for the due sweep (a no-op with the Redis transport).
         self.broker = broker_for(str(celery.conf.broker_url))
+        # Redis: a queue is a list that the push creates, no declaration needed per message.
+        # RabbitMQ drops (and still confirms) a message to an exchange no queue is bound to
+        # yet, e.g. on a fresh vhost before any worker started: let Celery declare the
+        # queue (once per connection; it caches what it declared).
+        amqp = is_amqp(str(celery.conf.broker_url))
+        self._declare: dict[str, Any] = {} if amqp else {"declare": []}
         self.ttl = ttl_seconds
         self.recovery_after = recovery_after  # RECOVERY_AFTER_SECONDS, for the due-time index
 
@@ -279,8 +285,7 @@ class Publisher:
                         queue=msg.priority,
                         request_id=request_id,
                         producer=producer,
-                        # The anonymous exchange needs no queue declaration per message.
-                        declare=[],
+                        **self._declare,
                     )
         except PUBLISH_ERRORS as exc:
             # KombuError covers BatchPublishError (a failed pipeline flush: some messages

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from dspy_fleet.broker.backends import AmqpBroker, broker_for, check_broker_url
+from dspy_fleet.broker.producer import Producer
 from dspy_fleet.devtools.rabbitmq import RabbitServer, TcpProxy, find_rabbitmq_server
 from dspy_fleet.errors import ConfigError
 from dspy_fleet.settings import CommonSettings, load_settings
@@ -94,10 +95,17 @@ def test_a_backlog_in_rabbitmq_is_measured_and_never_republished_as_lost(
     # 4 slots at 250 ms a call: the backlog drains in ~10 s, so most jobs wait in RabbitMQ
     # past RECOVERY_AFTER_SECONDS (5 s) + the confirming look (1 s).
     chaos.mock.set_faults(latency_ms=250)
+    # First on the fresh vhost, before anything declared a queue: a direct producer (RabbitMQ
+    # would confirm, and drop, a message to an exchange with no queue bound yet).
+    settings = CommonSettings(redis_url=chaos.redis_url,
+                              broker_url=chaos.env["DSPY_FLEET_BROKER_URL"])  # fmt: skip
+    with Producer(settings=settings) as producer:
+        ids = producer.submit_many([{"input": f"direct {i}: What is {i}+9?", "use_cache": False,
+                                     "priority": "batch"} for i in range(5)])  # fmt: skip
     api = chaos.start_api()
     bodies = [{"input": f"wait {i}: What is {i}+7?", "use_cache": False, "priority": "batch"}
-              for i in range(jobs)]  # fmt: skip
-    ids = [r.json()["id"] for r in post_many(api.url, bodies)]
+              for i in range(jobs - 5)]  # fmt: skip
+    ids += [r.json()["id"] for r in post_many(api.url, bodies)]
     ids.append(_submit(api.url, "interactive: What is 1+1?"))
     # No worker yet: the queue lengths are the backlog, read from RabbitMQ (issue 19 item 8),
     # of quorum queues the first publish declared.
