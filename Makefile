@@ -72,9 +72,11 @@ $(EXPORTER_STAMP):
 exporter-venv: $(EXPORTER_STAMP)
 
 # What the monitoring tests need besides .venv: promtool and prometheus (Debian package `prometheus`,
-# installed where apt exists) and the exporter's venv. Fast no-op once present.
+# installed where apt exists) and the exporter's venv; rabbitmq-server for the RabbitMQ chaos
+# tests (they start a private node of it, never the system one). Fast no-op once present.
 test-tools: $(EXPORTER_STAMP)
 	$(call apt_install,promtool,prometheus,its tests skip off CI and fail when CI=true)
+	$(call apt_install,rabbitmq-server,rabbitmq-server,tests/chaos/test_rabbitmq.py skips off CI and fails when CI=true)
 	$(call apt_install,chromium,chromium,the /docs test skips off CI and fails when CI=true)
 
 # The chaos suite alone, with its figures printed (make test runs it too).

@@ -13,6 +13,7 @@ import redis
 from flask import Flask, current_app
 
 from api.settings import ApiSettings
+from dspy_fleet.broker.backends import broker_for
 from dspy_fleet.broker.celery_config import make_celery
 from dspy_fleet.broker.producer import Publisher
 from dspy_fleet.contract import utcnow
@@ -84,6 +85,7 @@ class Batches:
         self.publisher = Publisher(
             make_celery(settings, publisher=True), client, settings.job_ttl_seconds,
             recovery_after=settings.recovery_after_seconds,
+            broker=broker_for(settings.broker, sentinel_password=settings.sentinel_secret),
         )  # fmt: skip
 
 

@@ -5,7 +5,7 @@ multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by api/gunicorn_conf.py) makes
 /metrics report all of them, whichever worker answers the scrape.
 
 Some families describe the fleet rather than this process, and are read when scraped:
-``dspy_queue_length`` (the broker's lists), ``dspy_circuit_breaker_state`` (the
+``dspy_queue_length`` (the broker's queues), ``dspy_circuit_breaker_state`` (the
 breakers' shared state in Redis) and ``dspy_rate_limit_effective_rpm`` /
 ``dspy_rate_limit_configured_rpm`` (the pacer's). The API is their one exporter: the
 workers export none, so Prometheus gets one copy per API replica (the rules and panels take the
@@ -25,8 +25,8 @@ from flask import Flask, current_app, has_app_context
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
+from dspy_fleet.broker.backends import PUBLISH_ERRORS, Broker, broker_for
 from dspy_fleet.contract import QUEUES
-from dspy_fleet.store import connection
 from dspy_fleet.store.breakers import STATES
 from dspy_fleet.store.cache import operations_counter
 
@@ -87,47 +87,28 @@ QUEUE_LENGTH = Gauge(
     multiprocess_mode="mostrecent",
 )
 
-# kombu's Redis transport keeps one list per priority step: "<queue>" for the
-# default priority, "<queue>\x06\x16<n>" for the others (kombu's default steps).
-_PRIORITY_STEPS = (0, 3, 6, 9)
-_SEP = "\x06\x16"
-
-
-def queue_keys(queue: str) -> list[str]:
-    """The Redis list keys that hold ``queue``'s waiting messages."""
-    return [queue if step == 0 else f"{queue}{_SEP}{step}" for step in _PRIORITY_STEPS]
-
 
 class QueueSampler:
-    """Reads the broker's queue lengths (one pipelined round-trip of LLENs)."""
+    """Reads the broker's queue lengths through its interface (dspy_fleet/broker/backends.py):
+    one pipelined round-trip of LLENs with Redis, a passive queue.declare per queue with
+    RabbitMQ."""
 
     def __init__(self, broker_url: str, sentinel_password: str | None = None) -> None:
-        self.client: redis.Redis | None = None
-        if broker_url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
-            # Short timeouts: a slow broker must not hold up the scrape.
-            self.client = connection.redis_client(
-                broker_url, sentinel_password=sentinel_password,
-                socket_timeout=1, socket_connect_timeout=1,
-            )  # fmt: skip
+        # Short timeouts: a slow broker must not hold up the scrape.
+        self.broker: Broker = broker_for(broker_url, timeout=1.0,
+                                         sentinel_password=sentinel_password)  # fmt: skip
         self._lock = threading.Lock()
 
     def sample(self) -> None:
         """Set dspy_queue_length for every queue; on a broker error keep the last values."""
-        if self.client is None:
-            return
         with self._lock:
             try:
-                pipe = self.client.pipeline(transaction=False)
-                for queue in QUEUES:
-                    for key in queue_keys(queue):
-                        pipe.llen(key)
-                lengths = pipe.execute()
-            except redis.RedisError as exc:
+                lengths = self.broker.queue_lengths(QUEUES)
+            except PUBLISH_ERRORS as exc:
                 log.warning("could not sample queue lengths: %s", exc)
                 return
-        per_queue = len(_PRIORITY_STEPS)
-        for i, queue in enumerate(QUEUES):
-            QUEUE_LENGTH.labels(queue).set(sum(lengths[i * per_queue : (i + 1) * per_queue]))
+        for queue, length in lengths.items():
+            QUEUE_LENGTH.labels(queue).set(length)
 
 
 # Reads the fleet's breaker states (model -> "closed"/"open"/"half_open") from Redis.

@@ -13,11 +13,11 @@ from typing import Any
 import redis
 from celery import Celery
 from flask import Flask, current_app
-from kombu.exceptions import OperationalError
 
 from api import metrics
 from api.settings import ApiSettings
 from api.waiter import JobWaiter
+from dspy_fleet.broker.backends import PUBLISH_ERRORS, Broker, broker_for
 from dspy_fleet.broker.celery_config import make_celery, send_job
 from dspy_fleet.contract import JobMessage, utcnow
 from dspy_fleet.cost import CostRecord, price_for
@@ -95,6 +95,9 @@ class Services:
         # Wakes long-polling requests; made on first use (api/routes/predictions.py).
         self.waiter: JobWaiter | None = None
         self.celery: Celery = make_celery(settings, publisher=True)
+        # The broker's own questions (queue lengths, readiness, "published" marks).
+        self.broker: Broker = broker_for(settings.broker, timeout=settings.redis_timeout_seconds,
+                                         sentinel_password=settings.sentinel_secret)  # fmt: skip
         # DSPY_FLEET_CALLBACK_ALLOW (validated with the settings), for the SSRF guard.
         self.callback_allow = AllowList.parse(settings.callback_allow)
 
@@ -238,9 +241,16 @@ class Services:
                 queue=message.priority,
                 request_id=request_id,
             )
-        except (OperationalError, redis.RedisError, OSError) as exc:
+        except PUBLISH_ERRORS as exc:
+            # Any broker error, not only a lost connection (a deleted vhost is AMQP's
+            # NotAllowed): the job was not published, and 503 says so.
             raise _broker_unavailable(exc) from None
         metrics.JOBS_ENQUEUED.labels(message.priority).inc()
+        try:
+            self.broker.mark_published(self.redis, [message.job_id])
+        except redis.RedisError as exc:
+            # Unmarked, the due sweep publishes it once more: a duplicate, harmless.
+            log.warning("could not mark a job published: %s", exc)
 
 
 def bounded_client(url: str, max_connections: int, *, timeout: float, **kwargs: Any) -> redis.Redis:

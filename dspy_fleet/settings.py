@@ -6,6 +6,7 @@ import logging
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +22,11 @@ SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 DEFAULT_CONFIG_FILE = Path(__file__).with_name("default_config.yaml")
 
+# Broker URL schemes the fleet runs on: kombu's Redis transport and RabbitMQ (py-amqp).
+REDIS_BROKER_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+AMQP_BROKER_SCHEMES = ("amqp", "amqps", "pyamqp")
+BROKER_SCHEMES = REDIS_BROKER_SCHEMES + AMQP_BROKER_SCHEMES
+
 
 class CommonSettings(BaseSettings):
     """Settings both processes read: where Redis is, the config file, limits that must agree."""
@@ -31,7 +37,11 @@ class CommonSettings(BaseSettings):
 
     env: Literal["local", "production"] = "local"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    broker_url: str | None = Field(default=None, description="Defaults to redis_url.")
+    broker_url: str | None = Field(
+        default=None,
+        description="Defaults to redis_url. Redis (redis://, rediss://, unix://) or RabbitMQ "
+        "(amqp://, amqps://); any other scheme is refused at start-up.",
+    )
     result_backend: str | None = Field(default=None, description="Defaults to redis_url.")
     config: Path = Field(default=DEFAULT_CONFIG_FILE, description="Models and programs YAML.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -79,6 +89,16 @@ class CommonSettings(BaseSettings):
         from dspy_fleet.webhooks.urls import AllowList  # it imports the contract, not us
 
         AllowList.parse(value)  # ValueError names the bad entry
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_supported(cls, value: str | None) -> str | None:
+        # Recovery, queue lengths and readiness ask the broker through
+        # dspy_fleet/broker/backends.py, which knows these two transports only.
+        if value is not None and urlsplit(value).scheme.lower() not in BROKER_SCHEMES:
+            schemes = ", ".join(s + "://" for s in BROKER_SCHEMES)
+            raise ValueError(f"unsupported broker URL scheme; supported: {schemes}")
         return value
 
     @model_validator(mode="after")
@@ -284,6 +304,18 @@ def load_settings(cls: type[SettingsT], **overrides: object) -> SettingsT:
         raise ConfigError(describe_validation_error(exc, env_prefix="DSPY_FLEET_")) from None
 
 
+def _without_password(value: object) -> object:
+    """A URL's password masked (a refused broker or Redis URL may carry one); else the value."""
+    if isinstance(value, str) and "://" in value:
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            return value
+        if password:
+            return value.replace(f":{password}@", ":***@", 1)
+    return value
+
+
 def describe_validation_error(exc: ValidationError, *, env_prefix: str = "") -> str:
     """One line per bad key, naming it the way the user wrote it."""
     lines = []
@@ -291,8 +323,9 @@ def describe_validation_error(exc: ValidationError, *, env_prefix: str = "") -> 
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
         name = f"{env_prefix}{loc.upper()}" if env_prefix and err["loc"] else loc
         value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        if isinstance(value, str) and "@" in value:  # a URL's userinfo: a password
-            shown = " (value not shown: it may hold a password)"
+        masked = _without_password(value)
+        shown = "" if isinstance(value, dict) else f" (got {masked!r})"
+        if isinstance(masked, str) and "@" in masked and ":***@" not in masked:
+            shown = " (value not shown: it may hold a password)"  # userinfo we cannot parse
         lines.append(f"{name}: {err['msg']}{shown}")
     return "invalid configuration: " + "; ".join(lines)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 
 from dspy_fleet.broker import kombu_patch
+from dspy_fleet.broker.backends import Broker, broker_for
 from dspy_fleet.broker.celery_config import CALLBACK_QUEUE, CALLBACK_TASK, make_celery, send_job
 from dspy_fleet.errors import ConfigError
 from dspy_fleet.fleet_config import load_fleet_config
@@ -122,8 +123,9 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     _heartbeat.start()
     # Every worker sweeps the due-time index (no lock: the take script shares it out).
     _sweep = SweepThread(
-        Sweeper(rt.redis, _republish, recovery_after=settings.recovery_after_seconds)
-    )
+        Sweeper(rt.redis, _republish, recovery_after=settings.recovery_after_seconds,
+                broker=_broker())
+    )  # fmt: skip
     _sweep.start()
     if CALLBACK_QUEUE in settings.queue_list:
         # Workers that deliver webhooks also sweep for due ones (no lock: the take shares).
@@ -144,6 +146,20 @@ def _republish(job_id: str, message: dict[str, Any], queue: str, request_id: str
     """Publish a job's stored message again (a retry that is due, a lost message, a job
     whose worker died), exactly as the API first did."""
     send_job(app, message, job_id=job_id, queue=queue, request_id=request_id)
+    # Returned: the broker took it (with RabbitMQ, confirmed it); the sweep's "held?" asks.
+    _broker().mark_published(get_runtime().redis, [job_id])
+
+
+_broker_instance: Broker | None = None
+
+
+def _broker() -> Broker:
+    """This process's broker interface (dspy_fleet/broker/backends.py), made on first use."""
+    global _broker_instance
+    if _broker_instance is None:
+        _broker_instance = broker_for(settings.broker, timeout=settings.redis_timeout_seconds,
+                                      sentinel_password=settings.sentinel_secret)  # fmt: skip
+    return _broker_instance
 
 
 def _publish_callback(member: str, attempt: int) -> None:

@@ -3,13 +3,17 @@
 Every accepted job sits in the due-time index (``dspy_fleet:pending``, a sorted set on
 Redis's clock) until it finishes, scored by the next time someone must look at it:
 
-- ``queued``: accepted (or published) + ``RECOVERY_AFTER_SECONDS``: is its message still
-  waiting? Not by scanning the queue: the queue is FIFO, so if the oldest message still
-  waiting there was published after this job's, this job's message should have been
-  consumed. If it was (and the job is neither claimed nor held unacknowledged by a worker,
-  on two looks in a row, so a message caught mid-handover is never counted), the message
-  was lost — an API that died before publishing, a worker killed between kombu's pop and
-  its unacked record — and is published again. Otherwise it is looked at again later.
+- ``queued``: accepted (or published) + ``RECOVERY_AFTER_SECONDS``: does the broker still
+  hold its message (dspy_fleet/broker/backends.py, ``Broker.held``)? With Redis, not by
+  scanning the queue: the queue is FIFO, so if the oldest message still waiting there was
+  published after this job's, this job's message should have been consumed, and then only
+  a worker holding it unacknowledged holds it. With RabbitMQ, a message whose publish was
+  confirmed is held (RabbitMQ redelivers it itself if its consumer dies), however long it
+  waits. If the broker does not hold it (and the job is not claimed, on two looks in a
+  row, so a message caught mid-handover is never counted), the message was lost — an API
+  that died before publishing, a publish refused during a broker outage, a worker killed
+  between kombu's pop and its unacked record — and is published again. Otherwise it is
+  looked at again later.
 - ``retrying``: the retry's due time (retries are scheduled here, not as Celery countdown
   messages): published then.
 - ``throttled``: its turn at its model's provider limit (dspy_fleet/store/pacing.py):
@@ -34,15 +38,12 @@ from typing import Any, NamedTuple, Protocol
 
 import redis
 
+from dspy_fleet.broker.backends import PUBLISHED_FIELD, Broker, Waiting
 from dspy_fleet.contract import TERMINAL_STATUSES
 from dspy_fleet.store.jobs import JOB_EVENT, KEY_PREFIX, LEASE_PREFIX, PENDING_KEY
 
 log = logging.getLogger("dspy_fleet.recovery")
 
-UNACKED_KEY = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchange, key]
-# kombu's Redis transport keeps one list per priority step: "queue", "queue\x06\x163", ...
-PRIORITY_SEP = "\x06\x16"
-PRIORITY_STEPS = (0, 3, 6, 9)
 SWEEP_SECONDS = 0.5
 BATCH = 500  # entries taken per script call; a sweep calls it until nothing is due
 HOLD_SECONDS = 10.0  # a taken entry's score meanwhile: if its sweeper dies, looked at again
@@ -59,8 +60,9 @@ _LUA_TERMINAL = (
 # live lease → re-scored to its expiry; retrying (due) or running with a lapsed lease →
 # status queued (an event in the job's log), to be published by the caller. Queued jobs
 # are re-scored ARGV[2] seconds ahead and returned for the watermark check.
+# Going back to queued for a new publish clears the broker's "published" mark (AMQP).
 # KEYS: pending set. ARGV: limit, hold s, recovery_after s, job prefix, lease prefix,
-# the statuses queued, running, retrying and throttled.
+# the statuses queued, running, retrying and throttled, the published field.
 # Returns {now, {id, kind, message, queue, request_id, enqueued_at, suspect}...}.
 _TAKE = (
     _LUA_TERMINAL
@@ -94,7 +96,7 @@ for _, id in ipairs(due) do
     local kind = 'takeover'
     if status == ARGV[8] then kind = 'retry' elseif status == ARGV[9] then kind = 'throttle' end
     redis.call('HSET', job, 'status', ARGV[6], 'enqueued_at', string.format('%.6f', now))
-    redis.call('HDEL', job, 'suspect')
+    redis.call('HDEL', job, 'suspect', ARGV[10])
     redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
     job_event(job, id, true)
     out[#out + 1] = {id, kind, f[2], f[3] or false, f[4] or false, false, false}
@@ -135,8 +137,13 @@ class Due(NamedTuple):
 class Sweeper:
     """The due sweep of one worker process."""
 
-    def __init__(self, client: redis.Redis, publish: Publish, *, recovery_after: float) -> None:
+    def __init__(
+        self, client: redis.Redis, publish: Publish, *, recovery_after: float, broker: Broker
+    ) -> None:
+        """``client``: the job store's Redis; ``broker`` answers "does the broker still
+        hold this job's message?" (dspy_fleet/broker/backends.py)."""
         self.client = client
+        self.broker = broker
         self.publish = publish
         self.recovery_after = recovery_after
         self._take = client.register_script(_TAKE)
@@ -164,6 +171,7 @@ class Sweeper:
                 "running",
                 "retrying",
                 "throttled",
+                PUBLISHED_FIELD,
             ],  # fmt: skip
         )
         due = [
@@ -202,19 +210,15 @@ class Sweeper:
         return published
 
     def _check_queued(self, now: float, jobs: Sequence[Due]) -> list[str]:
-        """The FIFO watermark check of queued jobs (no queue scan)."""
-        marks = oldest_waiting(self.client, sorted({j.queue for j in jobs}))
-        unacked: set[str] | None = None
+        """Queued jobs the broker no longer holds are suspects; suspects seen so twice are
+        lost and published again (the broker's answer: backends.Broker.held)."""
+        held = self.broker.held(
+            self.client, [Waiting(j.job_id, j.queue, j.enqueued_at) for j in jobs]
+        )
         later = self.client.pipeline(transaction=False)
         lost = []
         for job in jobs:
-            mark = marks[job.queue]
-            consumed = mark is EMPTY or (
-                isinstance(mark, float) and job.enqueued_at is not None and mark > job.enqueued_at
-            )
-            if consumed and unacked is None:
-                unacked = ids_unacked(self.client)
-            if not consumed or (unacked is not None and job.job_id in unacked):
+            if job.job_id in held:
                 # Still waiting its turn, or held by a worker: look again later.
                 if job.suspect:
                     later.hdel(KEY_PREFIX + job.job_id, "suspect")
@@ -240,63 +244,6 @@ class Sweeper:
 
     def _publish(self, job_id: str, message: str, queue: str, request_id: str | None) -> None:
         self.publish(job_id, json.loads(message), queue, request_id)
-
-
-class _Empty:
-    """The queue has no message waiting at all."""
-
-
-EMPTY = _Empty()
-
-
-def oldest_waiting(client: redis.Redis, queues: Sequence[str]) -> dict[str, float | _Empty | None]:
-    """Per queue: when its oldest waiting message was published (its job's ``enqueued_at``),
-    EMPTY if no message waits, None if that cannot be told (a message without a job record).
-
-    O(1) per queue: LINDEX -1 of each of kombu's priority lists (FIFO: LPUSH, BRPOP)."""
-    names = [(q, q if p == 0 else f"{q}{PRIORITY_SEP}{p}") for q in queues for p in PRIORITY_STEPS]
-    pipe = client.pipeline(transaction=False)
-    for _, name in names:
-        pipe.lindex(name, -1)
-    heads = [(q, _task_id(raw) if raw is not None else "") for (q, _), raw in
-             zip(names, pipe.execute(), strict=True)]  # fmt: skip
-    pipe = client.pipeline(transaction=False)
-    for _, task_id in heads:
-        if task_id:
-            pipe.hget(KEY_PREFIX + task_id, "enqueued_at")
-    times = iter(pipe.execute())
-    marks: dict[str, float | _Empty | None] = {q: EMPTY for q in queues}
-    for queue, task_id in heads:
-        if task_id == "":
-            continue  # this priority list is empty
-        enqueued = next(times) if task_id else None
-        current = marks[queue]
-        if enqueued is None or current is None:
-            marks[queue] = None
-        else:
-            value = float(enqueued)
-            marks[queue] = value if current is EMPTY else min(value, current)  # type: ignore[type-var]
-    return marks
-
-
-def _task_id(raw: Any) -> str | None:
-    """The task id (= job id) of a kombu message in a Redis list, None if unreadable."""
-    try:
-        msg = json.loads(raw)
-        return str(msg["headers"]["id"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def ids_unacked(client: redis.Redis) -> set[str]:
-    """Task ids of the messages workers hold unacknowledged (prefetched or running)."""
-    ids = set()
-    for raw in client.hvals(UNACKED_KEY):
-        try:
-            ids.add(json.loads(raw)[0]["headers"]["id"])
-        except (ValueError, KeyError, IndexError, TypeError):
-            continue
-    return ids
 
 
 class Sweeps(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import redis
 from flask import Blueprint, Response, current_app, g, jsonify, url_for
@@ -11,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api import metrics
 from api.services import services
 from dspy_fleet import __version__ as VERSION
+from dspy_fleet.broker.backends import PUBLISH_ERRORS
 from dspy_fleet.broker.celery_config import CALLBACK_QUEUE
 from dspy_fleet.contract import QUEUES
 from dspy_fleet.errors import NotReadyError
@@ -49,7 +51,8 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> tuple[Response, int]:
-    """Readiness: a real Redis round-trip, live workers for every queue, config loaded.
+    """Readiness: a real Redis round-trip, a real broker round-trip, live workers for every
+    queue, config loaded.
     Informational (never failing): the breakers' states, and the webhooks due with the
     number of live workers that deliver them (``callbacks``).
 
@@ -93,6 +96,7 @@ def ready() -> tuple[Response, int]:
             # redis-py's message names the internal host and port: for operators only.
             components["redis"]["detail"] = f"{type(exc).__name__}: {exc}"
         components["workers"] = {"ok": False, "error": "unknown while Redis is unavailable"}
+    components["broker"] = _broker_component(svc)
     failing = [name for name, c in components.items() if not c["ok"]]
     if failing:
         raise NotReadyError(
@@ -100,6 +104,20 @@ def ready() -> tuple[Response, int]:
             details={"failing": failing, "components": components},
         )
     return jsonify({"status": "ready", "components": components}), 200
+
+
+def _broker_component(svc: Any) -> dict[str, object]:
+    """A real round-trip to the broker (Redis PING, or a passive queue.declare on RabbitMQ):
+    a fleet whose API cannot publish answers every job with 503 broker_unavailable."""
+    try:
+        latency = svc.broker.ping()
+    except PUBLISH_ERRORS as exc:
+        out: dict[str, object] = {"ok": False, "error": "broker unreachable"}
+        if _admin_key():
+            # The message may name the internal host and port: for operators only.
+            out["detail"] = f"{type(exc).__name__}: {exc}"
+        return out
+    return {"ok": True, "latency_ms": round(latency, 2)}
 
 
 def _admin_key() -> bool:

@@ -15,6 +15,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from dspy_fleet.broker import kombu_patch
+from dspy_fleet.broker.backends import check_broker_url, is_amqp
 from dspy_fleet.contract import QUEUES, TASK_NAME
 from dspy_fleet.settings import CommonSettings, WorkerSettings
 from dspy_fleet.store.connection import is_sentinel, parse_sentinel_url
@@ -119,6 +120,8 @@ def celery_config(settings: CommonSettings) -> dict[str, Any]:
         "enable_utc": True,
     }
     _use_sentinel(conf, settings)
+    if is_amqp(settings.broker):
+        conf.update(amqp_options(settings))
     if (broker_ssl := ssl_options(settings.broker)) is not None:
         conf["broker_use_ssl"] = broker_ssl
     if (backend_ssl := ssl_options(settings.backend)) is not None:
@@ -165,6 +168,48 @@ def _use_sentinel(conf: dict[str, Any], settings: CommonSettings) -> None:
         }
 
 
+# RabbitMQ 4.x gives quorum queues a delivery limit of 20 (3.x: none): past it a message is
+# dropped. A worker that cannot reach Redis gives its message back (worker/tasks.py) and
+# takes it again at once, so a Redis outage of a few seconds could reach 20 deliveries and
+# lose jobs whose record says "published". Our own leases and the due sweep handle a job
+# that keeps failing; the broker need not give up on it.
+DELIVERY_LIMIT = 1_000_000
+
+
+def amqp_options(settings: CommonSettings) -> dict[str, Any]:
+    """What changes when the broker is RabbitMQ (amqp://): replaces the Redis transport's
+    options and queues (see README, Brokers).
+
+    - Quorum queues: replicated and on disk, so a confirmed message survives a node's
+      restart. They have no per-message priority, which the fleet does not need: the
+      lanes (interactive, batch) are queues of their own. Celery then uses per-consumer
+      QoS and declares its native-delayed-delivery exchanges (unused: retries wait in
+      the due-time index, never as countdown messages).
+    - Publisher confirms: ``send_task`` returns only once RabbitMQ took the message, so
+      a publish that returned is held by the broker (backends.AmqpBroker.held).
+    - The same connect/read bound as every Redis client: a hung broker fails a publish
+      within ``publish_bound()``, never holds it.
+    """
+    timeout = settings.redis_timeout_seconds
+    args = {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT}
+    return {
+        "broker_transport_options": {
+            "confirm_publish": True,
+            "read_timeout": timeout,
+            "write_timeout": timeout,
+        },
+        "broker_connection_timeout": timeout,
+        # A dead TCP peer (a proxy that vanished) is noticed within 2 heartbeats.
+        "broker_heartbeat": 10,
+        "task_queues": [
+            Queue(q, Exchange(q, type="direct"), routing_key=q, durable=True, queue_arguments=args)
+            for q in (*QUEUES, CALLBACK_QUEUE)
+        ],  # fmt: skip
+        "task_default_queue_type": "quorum",
+        "worker_detect_quorum_queues": True,
+    }
+
+
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
 
@@ -195,6 +240,7 @@ def make_celery(
     does not subscribe to each task's result channel (a round-trip and a pub/sub
     subscription per published job, for nothing). Workers still store results.
     """
+    check_broker_url(settings.broker)  # ConfigError for a scheme we cannot run on
     kombu_patch.install()
     app = Celery(APP_NAME, include=list(include), set_as_current=False)
     conf = celery_config(settings)

@@ -21,8 +21,8 @@ from typing import Any
 
 import redis
 from celery import Celery
-from kombu.exceptions import KombuError
 
+from dspy_fleet.broker.backends import PUBLISH_ERRORS, Broker, broker_for, is_amqp
 from dspy_fleet.broker.celery_config import make_celery, send_job
 from dspy_fleet.contract import (
     DEFAULT_TENANT,
@@ -164,7 +164,7 @@ class Publisher:
 
     def __init__(
         self, celery: Celery, client: redis.Redis, ttl_seconds: int, *,
-        recovery_after: float = 0.0,
+        recovery_after: float = 0.0, broker: Broker | None = None,
     ) -> None:  # fmt: skip
         # kombu buffers publishes in a pipeline only when redis-py will not retry a
         # pipeline on timeout (a retried pipeline could push messages twice), so this
@@ -174,6 +174,16 @@ class Publisher:
         celery.conf.broker_transport_options = options
         self.celery = celery
         self.client = client
+        # Marks confirmed publishes for the due sweep (a no-op with the Redis transport).
+        # Given by callers that hold the settings: Celery's broker_url of a
+        # redis+sentinel:// broker is kombu's translation, not the fleet's URL.
+        self.broker = broker or broker_for(str(celery.conf.broker_url))
+        # Redis: a queue is a list that the push creates, no declaration needed per message.
+        # RabbitMQ drops (and still confirms) a message to an exchange no queue is bound to
+        # yet, e.g. on a fresh vhost before any worker started: let Celery declare the
+        # queue (once per connection; it caches what it declared).
+        amqp = is_amqp(str(celery.conf.broker_url))
+        self._declare: dict[str, Any] = {} if amqp else {"declare": []}
         self.ttl = ttl_seconds
         self.recovery_after = recovery_after  # RECOVERY_AFTER_SECONDS, for the due-time index
 
@@ -278,10 +288,9 @@ class Publisher:
                         queue=msg.priority,
                         request_id=request_id,
                         producer=producer,
-                        # The anonymous exchange needs no queue declaration per message.
-                        declare=[],
+                        **self._declare,
                     )
-        except (KombuError, redis.RedisError, OSError) as exc:
+        except PUBLISH_ERRORS as exc:
             # KombuError covers BatchPublishError (a failed pipeline flush: some messages
             # may have reached the queue) and OperationalError. The records (with their
             # messages) are stored: the jobs are accepted, and the workers' due sweep
@@ -294,6 +303,11 @@ class Publisher:
                 exc,
             )
             return False
+        try:
+            self.broker.mark_published(self.client, [m.job_id for m in fresh])
+        except redis.RedisError as exc:
+            # Unmarked jobs are published once more by the due sweep: duplicates, harmless.
+            log.warning("could not mark %d published jobs: %s", len(fresh), exc)
         return True
 
 
@@ -321,6 +335,7 @@ class Producer:
         self.publisher = Publisher(
             make_celery(settings, publisher=True), self.redis, settings.job_ttl_seconds,
             recovery_after=settings.recovery_after_seconds,
+            broker=broker_for(settings.broker, sentinel_password=settings.sentinel_secret),
         )  # fmt: skip
 
     def _message(

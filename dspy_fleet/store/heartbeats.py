@@ -46,7 +46,8 @@ class Heartbeat:
         self._thread.start()
 
     def beat(self) -> None:
-        """Record one beat; a Redis outage is logged, never fatal."""
+        """Record one beat; a Redis outage (or any error of ``on_beat``) is logged, never
+        fatal: a dead heartbeat thread would keep /ready at 503 after the outage ended."""
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.zadd(WORKERS_KEY, {self.hostname: time.time()})
@@ -56,7 +57,7 @@ class Heartbeat:
             pipe.execute()
             if self.on_beat is not None:
                 self.on_beat()
-        except redis.RedisError as exc:
+        except Exception as exc:  # the thread must outlive every outage, whatever it raises
             log.warning("heartbeat failed: %s", exc)
 
     def stop(self) -> None:

@@ -127,6 +127,24 @@ secretKeyRef:
 {{- end }}
 {{- end -}}
 
+{{/* Whether the broker is not the Redis: an external RabbitMQ (or other Redis) whose URL is
+     key `broker-url` of the chart's Secret (secrets.brokerUrl) or of secrets.existingSecret
+     (secrets.existingSecretHasBrokerUrl). */}}
+{{- define "dspy-fleet.separateBroker" -}}
+{{- if or .Values.secrets.brokerUrl (and .Values.secrets.existingSecret .Values.secrets.existingSecretHasBrokerUrl) }}true{{ end -}}
+{{- end -}}
+
+{{/* Where the broker URL comes from: key `broker-url` when separate, else the Redis URL. */}}
+{{- define "dspy-fleet.brokerUrlSecretKeyRef" -}}
+{{- if include "dspy-fleet.separateBroker" . -}}
+secretKeyRef:
+  name: {{ include "dspy-fleet.secretName" . }}
+  key: broker-url
+{{- else -}}
+{{ include "dspy-fleet.redisUrlSecretKeyRef" . }}
+{{- end -}}
+{{- end -}}
+
 {{/* Environment both the api and the worker read. */}}
 {{- define "dspy-fleet.commonEnv" -}}
 - name: DSPY_FLEET_ENV
@@ -134,6 +152,11 @@ secretKeyRef:
 - name: DSPY_FLEET_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
 {{ include "dspy-fleet.redisUrlEnv" . }}
+{{- if include "dspy-fleet.separateBroker" . }}
+- name: DSPY_FLEET_BROKER_URL
+  valueFrom:
+    {{- include "dspy-fleet.brokerUrlSecretKeyRef" . | nindent 4 }}
+{{- end }}
 - name: DSPY_FLEET_CONFIG
   value: /etc/dspy-fleet/fleet.yaml
 - name: DSPY_FLEET_JOB_TTL_SECONDS
