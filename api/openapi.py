@@ -59,11 +59,15 @@ IDEMPOTENCY_KEY = {
                    "batch and job ids, so no item runs or bills twice; missing items are added.",
     "schema": {"type": "string", "minLength": 1, "maxLength": 128},
 }  # fmt: skip
+# Printable ASCII (an IDN host in its punycode form): percent-encoded, 2,048 characters of it
+# fit gunicorn's request-line limit (8,190 bytes, its maximum), where 2,048 characters of any
+# Unicode could take 24 KB and be refused by gunicorn itself, outside the JSON error format.
 CALLBACK_URL = _query(
     "callback_url",
-    {"type": "string", "minLength": 1, "maxLength": 2048},
+    {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": "^[!-~]+$"},
     "Webhook called once when the batch ends, with the batch object (README, Webhooks): an "
-    "absolute http(s) URL without credentials, the same rules as an item's `callback_url`.",
+    "absolute http(s) URL without credentials, the same rules as an item's `callback_url`, in "
+    "printable ASCII (a query string is limited to about 8 KB).",
 )
 CALLBACK_ITEMS = _query(
     "callback_items",
