@@ -42,6 +42,7 @@ class BreakerOverrides(BaseModel):
     recovery_seconds: float | None = Field(default=None, gt=0)
     half_open_max_calls: int | None = Field(default=None, ge=1)
     success_threshold: int | None = Field(default=None, ge=1)
+    settle_seconds: float | None = Field(default=None, ge=0)
 
 
 class RateLimits(BaseModel):

@@ -181,6 +181,10 @@ class WorkerSettings(CommonSettings):
     breaker_recovery_seconds: float = Field(default=30.0, gt=0)
     breaker_half_open_max_calls: int = Field(default=3, ge=1)
     breaker_success_threshold: int = Field(default=2, ge=1)
+    # A run of failure_threshold faults recorded while other calls were in flight opens
+    # the breaker once it stood this long with no success (0: at once); see
+    # dspy_fleet/store/breakers.py.
+    breaker_settle_seconds: float = Field(default=2.0, ge=0)
     # Retries of transient provider errors, scheduled in the due-time index (slot freed).
     max_retries: int = Field(default=3, ge=0, le=20)
     retry_backoff_seconds: float = Field(default=0.5, gt=0)

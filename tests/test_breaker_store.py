@@ -15,11 +15,14 @@ from dspy_fleet.devtools.redis import RedisServer
 from dspy_fleet.store.breakers import PREFIX, BreakerBoard, BreakerPolicy, read_states
 
 
-def _board(redis_server: RedisServer, **policy: float) -> tuple[BreakerBoard, str, redis.Redis]:
+def _board(
+    redis_server: RedisServer, max_call_seconds: float = 300.0, **policy: float
+) -> tuple[BreakerBoard, str, redis.Redis]:
     client = redis.Redis.from_url(redis_server.url)
     model = f"m-{uuid.uuid4().hex[:8]}"
     base = {"failure_threshold": 3, "min_calls": 1000, "recovery_seconds": 0.5}
-    return BreakerBoard(client, {model: BreakerPolicy(**{**base, **policy})}), model, client
+    policies = {model: BreakerPolicy(**{**base, **policy})}
+    return BreakerBoard(client, policies, max_call_seconds), model, client
 
 
 def test_faults_in_a_row_are_counted_in_admission_order(redis_server: RedisServer) -> None:
@@ -31,9 +34,11 @@ def test_faults_in_a_row_are_counted_in_admission_order(redis_server: RedisServe
     for call in (1, 3, 5):
         assert board.record(model, ok=False, call=call) == "closed"
     assert board.record(model, ok=True, call=2) == "closed"
-    # Call 4 faulted too: 3, 4, 5 are three in a row, whatever order they came in.
+    assert board.record(model, ok=True, call=6) == "closed"
+    # Call 4 faulted too: 3, 4, 5 are three in a row, whatever order they came in (and
+    # with nothing else in flight, the order is not in doubt: it opens at once).
     assert board.record(model, ok=False, call=4) == "open"
-    assert board.record(model, ok=True, call=6) == "open"  # open: late outcomes change nothing
+    assert board.record(model, ok=True, call=7) == "open"  # open: late outcomes change nothing
     assert not board.allow(model).allowed
 
 
@@ -97,14 +102,14 @@ def test_unnumbered_outcomes_are_judged_in_record_order(redis_server: RedisServe
     # The worker records each outcome as the provider answers, without a number: "in a
     # row" is then the faults recorded since the last recorded success.
     board, model, _ = _board(redis_server)
-    for _ in range(5):  # a burst admitted first: admissions do not break a run
-        board.allow(model)
-    assert [board.record(model, ok=False) for _ in range(2)] == ["closed", "closed"]
-    assert board.record(model, ok=True) == "closed"  # an answer between: no run of three
-    board.allow(model)
-    assert [board.record(model, ok=False) for _ in range(2)] == ["closed", "closed"]
-    board.allow(model)  # admissions between faults do not break it either
-    assert board.record(model, ok=False) == "open"
+    burst = [board.allow(model).call for _ in range(5)]  # admissions do not break a run
+    faults = [board.record(model, ok=False, admitted=burst[i]) for i in range(2)]
+    assert faults == ["closed", "closed"]
+    assert board.record(model, ok=True, admitted=burst[2]) == "closed"  # no run of three
+    faults = [board.record(model, ok=False, admitted=burst[i]) for i in (3, 4)]
+    assert faults == ["closed", "closed"]
+    later = board.allow(model).call  # admissions between faults do not break it either
+    assert board.record(model, ok=False, admitted=later) == "open"
 
 
 def test_calls_their_admission_did_not_count_are_counted_when_recorded(
@@ -126,11 +131,77 @@ def test_a_success_recorded_while_a_call_was_in_flight_breaks_its_run(
     # other and the faults (a shorter path) are recorded in a cluster after a success.
     board, model, _ = _board(redis_server)
     burst = [board.allow(model) for _ in range(6)]
-    assert board.record(model, ok=True, seen=burst[0].oks) == "closed"
+    assert board.record(model, ok=True, seen=burst[0].oks, admitted=burst[0].call) == "closed"
     for d in burst[1:4]:  # three faults recorded in a row, but the provider was answering
-        assert board.record(model, ok=False, seen=d.oks) == "closed"
+        assert board.record(model, ok=False, seen=d.oks, admitted=d.call) == "closed"
     # The last of them starts a run (the success may have come before it, not after).
     # Calls admitted after that success see no success during their flight: they extend
-    # it, and the second makes three in a row.
+    # it, and the second makes three in a row: opening once burst[4:] are not in flight.
     later = [board.allow(model) for _ in range(2)]
-    assert [board.record(model, ok=False, seen=d.oks) for d in later] == ["closed", "open"]
+    for d in burst[4:]:
+        board.release(model, d.call)
+    states = [board.record(model, ok=False, seen=d.oks, admitted=d.call) for d in later]
+    assert states == ["closed", "open"]
+
+
+def test_faults_recorded_before_the_successes_answered_among_them_do_not_open(
+    redis_server: RedisServer,
+) -> None:
+    # The CI failure this rule was built for: a burst whose first three outcomes recorded
+    # were faults (a success is parsed before it is recorded, and 150 threads share one
+    # CPU), the provider having failed every 5th call, never two in a row.
+    board, model, client = _board(redis_server, settle_seconds=30)
+    burst = [board.allow(model) for _ in range(15)]
+    faults, successes = burst[4::5], [d for i, d in enumerate(burst) if i % 5 != 4]
+    for d in faults:
+        assert board.record(model, ok=False, seen=d.oks, admitted=d.call) == "closed"
+    assert read_states(client, [model]) == {model: "closed"}  # a run, not yet settled
+    for d in successes:
+        assert board.record(model, ok=True, seen=d.oks, admitted=d.call) == "closed"
+    assert board.allow(model).allowed
+    assert client.hget(PREFIX + model, "opens_at") is None  # the successes ended the run
+
+
+def test_a_run_with_calls_in_flight_opens_once_it_has_settled(redis_server: RedisServer) -> None:
+    board, model, client = _board(redis_server, settle_seconds=0.4)
+    burst = [board.allow(model) for _ in range(5)]
+    states = [board.record(model, ok=False, seen=d.oks, admitted=d.call) for d in burst[:3]]
+    assert states == ["closed"] * 3  # two calls still in flight: their answers may be ok
+    assert board.allow(model).allowed  # not settled yet
+    time.sleep(0.5)
+    assert read_states(client, [model]) == {model: "open"}  # the truth, before any call
+    refused = board.allow(model)
+    assert not refused.allowed and refused.state == "open"
+    assert refused.retry_after == 0.5  # the recovery window, from the opening
+    # The late outcomes change nothing.
+    assert board.record(model, ok=True, seen=burst[3].oks, admitted=burst[3].call) == "open"
+
+
+def test_a_burst_failing_every_call_opens_at_its_last_fault(redis_server: RedisServer) -> None:
+    # A provider failing every call of a burst: the run is in no doubt once no call is in
+    # flight, with no settle time to wait.
+    board, model, _ = _board(redis_server, settle_seconds=30)
+    burst = [board.allow(model) for _ in range(6)]
+    states = [board.record(model, ok=False, seen=d.oks, admitted=d.call) for d in burst]
+    assert states == ["closed"] * 5 + ["open"]
+
+
+def test_admissions_that_never_reached_the_provider_are_not_in_flight(
+    redis_server: RedisServer,
+) -> None:
+    board, model, _ = _board(redis_server, settle_seconds=30)
+    throttled = board.allow(model)  # the pacer sent it back: released
+    board.release(model, throttled.call)
+    states = [board.record(model, ok=False, admitted=board.allow(model).call) for _ in range(3)]
+    assert states == ["closed", "closed", "open"]
+
+
+def test_an_admission_never_heard_of_is_forgotten_after_the_longest_call(
+    redis_server: RedisServer,
+) -> None:
+    board, model, _ = _board(redis_server, max_call_seconds=0.3, settle_seconds=30)
+    board.allow(model)  # its worker was killed: no outcome, no release
+    states = [board.record(model, ok=False, admitted=board.allow(model).call) for _ in range(3)]
+    assert states == ["closed"] * 3  # the lost call might still answer
+    time.sleep(0.4)
+    assert board.record(model, ok=False, admitted=board.allow(model).call) == "open"

@@ -34,7 +34,7 @@ from dspy_fleet.plan import Plan
 from dspy_fleet.store.breakers import Decision
 from dspy_fleet.store.pacing import Admission
 from worker import metrics
-from worker.predict import Usage, call_program
+from worker.predict import OnAnswer, Usage, call_program
 from worker.programs import LoadedProgram
 from worker.runtime import Runtime
 
@@ -82,59 +82,80 @@ def serve(rt: Runtime, plan: Plan, program: LoadedProgram, msg: JobMessage, usag
 
 def _serve_with(rt: Runtime, plan: Plan, program: LoadedProgram, msg: JobMessage, model: str,
                 usage: Usage, asked: Decision | None = None) -> Served:  # fmt: skip
-    inputs = plan.inputs
-    assert inputs is not None  # a worker knows its programs' fields: its plans bind inputs
-
     def compute() -> dict[str, Any]:
-        # The tenant's budget first: a job whose tenant ran out while it waited fails here
-        # (budget_exhausted), before the breaker, the pacer or the provider hear of it.
-        # Its reservation is turned into spend by the finish script, or dropped when the
-        # job goes back to wait or retry (worker/runner.py); it lapses after the time limit.
-        rt.quotas.reserve(msg.tenant, msg.job_id, model, rt.settings.time_limit)
-        decision = asked or rt.breakers.allow(model)
-        if not decision.allowed:
-            raise CircuitOpenError(model, decision.retry_after)
-        admission = take_turn(rt, model, msg)
-        calls, spent = usage.calls, usage.total_tokens
-        accepted = True  # by the provider: anything but a 429
-
-        def answered(ok: bool, nth: int) -> None:
-            # Recorded as each provider call returns or raises, before DSPy parses it, and
-            # numbered by the record script: "N in a row" is in the order the provider
-            # answered (as far as the worker sees it), not the order jobs were admitted.
-            # The admission counted the job's first call into the rate window; not others.
-            # A success recorded while this call was in flight breaks a run (`seen`).
-            rt.breakers.record(model, ok, uncounted=nth > 1 or not decision.counted,
-                               seen=decision.oks)  # fmt: skip
-
-        def explained(error: JobError) -> JobError:
-            # A gateway's cooldown answer read as the refusal that caused it (issue 19.7).
-            return rt.causes.explain(model, error)
-
+        decision = asked
+        ended = False  # the admission's flight, ended by the first outcome recorded
         try:
-            outputs = call_program(program.module, rt.models.get(model), inputs, plan.params,
-                                   usage, on_answer=answered, explain=explained)  # fmt: skip
-        except ProviderError as exc:
-            if exc.status_code == 429:
-                accepted = False
-                rate_limited(rt, model, exc)
-            metrics.ERRORS.labels(model, exc.code).inc()
-            raise
+            # The tenant's budget first: a job whose tenant ran out while it waited fails
+            # here (budget_exhausted), before the breaker, the pacer or the provider hear of
+            # it. Its reservation is turned into spend by the finish script, or dropped when
+            # the job goes back to wait or retry (worker/runner.py); it lapses after the
+            # time limit.
+            rt.quotas.reserve(msg.tenant, msg.job_id, model, rt.settings.time_limit)
+            decision = asked or rt.breakers.allow(model)
+            if not decision.allowed:
+                raise CircuitOpenError(model, decision.retry_after)
+            admitted = decision
+
+            def answered(ok: bool, nth: int) -> None:
+                # Recorded as each provider call returns or raises, before DSPy parses it,
+                # and numbered by the record script: "N in a row" is in the order the
+                # provider answered (as far as the worker sees it), not the order jobs were
+                # admitted. The admission counted the job's first call into the rate window
+                # and into the calls in flight; not others. A success recorded while this
+                # call was in flight breaks a run (`seen`).
+                nonlocal ended
+                rt.breakers.record(model, ok, uncounted=nth > 1 or not admitted.counted,
+                                   seen=admitted.oks,
+                                   admitted=0 if ended else admitted.call)  # fmt: skip
+                ended = True
+
+            return _call_provider(rt, plan, program, msg, model, usage, answered)
         finally:
-            settle(rt, model, msg.job_id, admission, usage, calls, spent, accepted)
-        rt.causes.settle(model)
-        # The job that computed it: if that job's result is lost before it is recorded,
-        # its rerun finds this entry and is billed for the call (worker/runner.py).
-        # Tokens are None when the provider did not report them: a hit then saves "unknown".
-        return {"outputs": outputs, "model": model, "program_version": program.version,
-                "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-                "job_id": msg.job_id, "created_at": utcnow().isoformat()}  # fmt: skip
+            if decision is not None and decision.counted and not ended:
+                # Throttled, out of budget, a 429 or a crash before any answer: this
+                # admission never reached the provider's verdict; it is not in flight.
+                rt.breakers.release(model, decision.call)
 
     if not msg.use_cache:
         return Served(compute(), "computed", model)
     ttl = msg.cache_ttl or rt.settings.cache_ttl_seconds
     entry, source = rt.cache.get_or_compute(plan.key_for(model), ttl, msg.job_id, compute)
     return Served(entry, source, model)
+
+
+def _call_provider(rt: Runtime, plan: Plan, program: LoadedProgram, msg: JobMessage,
+                   model: str, usage: Usage, answered: OnAnswer) -> dict[str, Any]:  # fmt: skip
+    """The call itself, once the breaker admitted it: the pacer's turn, the program run
+    (each LM call's outcome told to ``answered``), the usage settled; the cache entry."""
+    inputs = plan.inputs
+    assert inputs is not None  # a worker knows its programs' fields: its plans bind inputs
+    admission = take_turn(rt, model, msg)
+    calls, spent = usage.calls, usage.total_tokens
+    accepted = True  # by the provider: anything but a 429
+
+    def explained(error: JobError) -> JobError:
+        # A gateway's cooldown answer read as the refusal that caused it (issue 19.7).
+        return rt.causes.explain(model, error)
+
+    try:
+        outputs = call_program(program.module, rt.models.get(model), inputs, plan.params,
+                               usage, on_answer=answered, explain=explained)  # fmt: skip
+    except ProviderError as exc:
+        if exc.status_code == 429:
+            accepted = False
+            rate_limited(rt, model, exc)
+        metrics.ERRORS.labels(model, exc.code).inc()
+        raise
+    finally:
+        settle(rt, model, msg.job_id, admission, usage, calls, spent, accepted)
+    rt.causes.settle(model)
+    # The job that computed it: if that job's result is lost before it is recorded,
+    # its rerun finds this entry and is billed for the call (worker/runner.py).
+    # Tokens are None when the provider did not report them: a hit then saves "unknown".
+    return {"outputs": outputs, "model": model, "program_version": program.version,
+            "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+            "job_id": msg.job_id, "created_at": utcnow().isoformat()}  # fmt: skip
 
 
 def take_turn(rt: Runtime, model: str, msg: JobMessage) -> Admission:

@@ -81,7 +81,9 @@ def build_runtime(settings: WorkerSettings, config: FleetConfig) -> Runtime:
         ),  # fmt: skip
         leases=LeaseKeeper(client, settings.lease_seconds),
         redis=client,
-        breakers=BreakerBoard(client, breaker_policies(settings, config)),
+        breakers=BreakerBoard(
+            client, breaker_policies(settings, config), max_call_seconds=settings.time_limit
+        ),
         pacer=Pacer(
             client,
             scopes_for(config),

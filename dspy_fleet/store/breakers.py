@@ -13,7 +13,11 @@ provider answered (DSPy's LM-call callback, before any parsing), so "N in a row"
 N faults recorded one after another with no success between them: the order the
 provider's answers came back, not the order the jobs were admitted (under load the
 requests leave the workers in nearly random order). A fault whose call saw a success
-recorded while it was in flight starts a new run (see _RECORD_FUNCTION). Reads
+recorded while it was in flight starts a new run (see _RECORD_FUNCTION), and a run of
+N faults recorded while other calls are still in flight opens the breaker only once it
+has stood ``settle_seconds`` with no success recorded (or the calls in flight ended):
+their successes may have been answered between its faults and merely recorded after
+them. Reads
 (/ready, the worker's gauge) show an open breaker as half-open once its recovery
 window has passed, with no call needed to move it.
 
@@ -46,12 +50,15 @@ STATES = {"closed": 0, "open": 1, "half_open": 2}
 # the provider's faults land on near-random admission numbers. Outcomes recorded
 # without a number are judged in record order (see _RECORD_FUNCTION).
 #
-# K: state hash, window hash prefix. A: recovery s, half-open max probes, window s.
+# K: state hash, window hash prefix, set of faulted call numbers, calls in flight (a
+# sorted set: admission number -> admission time). A: recovery s, half-open max probes,
+# window s.
 # Returns {allowed 0/1, state, retry_after ms, transition or '', faults in a row, call
 # number (0 when not admitted), successes recorded so far (the `oks` counter)}.
 # Closed, the call is counted into the failure-rate window now, its fault (if any) when
 # recorded: a rate over recorded outcomes alone would be inflated during a burst, whose
-# faults are recorded before its successes.
+# faults are recorded before its successes. A run of faults that has stood its settle time
+# (`opens_at`, see _RECORD_FUNCTION) opens the breaker here, refusing the call.
 _ALLOW_FUNCTION = """
 local function breaker_allow(K, A)
   local t = redis.call('TIME')
@@ -78,12 +85,22 @@ local function breaker_allow(K, A)
     redis.call('HINCRBY', K[1], 'probes', 1)
     return {1, 'half_open', 0, transition, 0, redis.call('HINCRBY', K[1], 'seq', 1), 0}
   end
+  local due = tonumber(redis.call('HGET', K[1], 'opens_at') or '0')
+  if due > 0 and now >= due then
+    redis.call('HSET', K[1], 'state', 'open', 'opened_at', now,
+               'recovers_at', now + tonumber(A[1]), 'consecutive', 0)
+    redis.call('HDEL', K[1], 'opens_at')
+    redis.call('DEL', K[3])
+    return {0, 'open', math.ceil(tonumber(A[1]) * 1000), 'closed->open', 0, 0, 0}
+  end
   local window = tonumber(A[3])
   local cur = K[2] .. math.floor(now / window)
   redis.call('HINCRBY', cur, 'calls', 1)
   redis.call('EXPIRE', cur, window * 2 + 1)
   local run = tonumber(redis.call('HGET', K[1], 'consecutive') or '0')
-  return {1, 'closed', 0, transition, run, redis.call('HINCRBY', K[1], 'seq', 1),
+  local seq = redis.call('HINCRBY', K[1], 'seq', 1)
+  redis.call('ZADD', K[4], now, seq)
+  return {1, 'closed', 0, transition, run, seq,
           tonumber(redis.call('HGET', K[1], 'oks') or '0')}
 end
 """
@@ -92,11 +109,12 @@ _ALLOW = _ALLOW_FUNCTION + "return breaker_allow(KEYS, ARGV)\n"
 # Every provider call's outcome, judged against the state *now* (not when the call
 # started: a burst of calls that all started on a clean breaker must still have its
 # successes counted, or its failures alone would open it).
-# K: state hash, window hash prefix, set of faulted call numbers. A: ok 0/1, failure
-# threshold, rate, min calls, window s, success threshold, recovery s, call number,
-# uncounted 0/1 (a call its admission did not count into the rate window: a job's
+# K: state hash, window hash prefix, set of faulted call numbers, calls in flight. A: ok
+# 0/1, failure threshold, rate, min calls, window s, success threshold, recovery s, call
+# number, uncounted 0/1 (a call its admission did not count into the rate window: a job's
 # second LM call, or one admitted while the breaker store was down; counted now),
-# successes recorded when the call was admitted (its Decision.oks; -1: unknown).
+# successes recorded when the call was admitted (its Decision.oks; -1: unknown), the
+# admission number this outcome ends (0: none), settle s, longest flight s.
 # Call number 0 (what the worker sends): the outcome is numbered in record order, here,
 # and "in a row" is the faults recorded since the last recorded success (the
 # `consecutive` field): the order the provider answered, as far as the worker can see
@@ -110,6 +128,16 @@ _ALLOW = _ALLOW_FUNCTION + "return breaker_allow(KEYS, ARGV)\n"
 # the breaker after exactly N.
 # A call number > 0 is an admission number: the run is then the faulted numbers
 # consecutive with it, whatever order they are recorded in.
+# Settling: the seen rule covers successes recorded *before* a fault; a success answered
+# between two faults can also be recorded *after* them (its path is longer, and a
+# 150-thread worker on a busy CPU delays it further: observed in CI, the first three
+# outcomes of a burst recorded were all faults). So a run reaching N while other calls
+# are in flight (admitted, outcome not yet recorded) does not open the breaker at once:
+# it stamps `opens_at` = now + settle s, a success recorded before then clears it, and
+# the first fault or admission after it opens the breaker. With nothing else in flight
+# the order is not in doubt and N faults open it at once (a provider failing every call
+# of a burst: its last fault ends the flight). Calls whose outcome never comes (a killed
+# worker) leave the in-flight set after the longest flight, the job's time limit.
 # Returns {state, transition or ''}.
 # The rate is over the current and the previous bucket: calls admitted, faults recorded.
 # Calls are counted at admission, not here: a fault can come back long before the
@@ -120,6 +148,7 @@ local function breaker_record(K, A)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
   local ok = A[1] == '1'
+  if A[11] ~= '0' then redis.call('ZREM', K[4], A[11]) end
   local state = redis.call('HGET', K[1], 'state') or 'closed'
   local window = tonumber(A[5])
   local bucket = math.floor(now / window)
@@ -127,6 +156,7 @@ local function breaker_record(K, A)
   local function open(transition)
     redis.call('HSET', K[1], 'state', 'open', 'opened_at', now,
                'recovers_at', now + tonumber(A[7]), 'consecutive', 0)
+    redis.call('HDEL', K[1], 'opens_at')
     redis.call('DEL', K[3])
     return {'open', transition}
   end
@@ -138,6 +168,7 @@ local function breaker_record(K, A)
     local s = redis.call('HINCRBY', K[1], 'successes', 1)
     if s >= tonumber(A[6]) then
       redis.call('HSET', K[1], 'state', 'closed', 'consecutive', 0)
+      redis.call('HDEL', K[1], 'opens_at')
       -- A fresh start: the failures that opened it must not count against it again.
       redis.call('DEL', cur, prev, K[3])
       return {'closed', 'half_open->closed'}
@@ -151,6 +182,7 @@ local function breaker_record(K, A)
   if ok then
     -- Ends a record-order run; a numbered success is simply not in the faulted set.
     redis.call('HSET', K[1], 'consecutive', 0)
+    redis.call('HDEL', K[1], 'opens_at')
     redis.call('HINCRBY', K[1], 'oks', 1)
     return {'closed', ''}
   end
@@ -186,8 +218,21 @@ local function breaker_record(K, A)
     calls = calls + tonumber(redis.call('HGET', b, 'calls') or '0')
     fails = fails + tonumber(redis.call('HGET', b, 'failures') or '0')
   end
-  local by_rate = calls >= tonumber(A[4]) and fails / calls >= tonumber(A[3])
-  if run >= need or by_rate then return open('closed->open') end
+  if calls >= tonumber(A[4]) and fails / calls >= tonumber(A[3]) then
+    return open('closed->open')
+  end
+  -- Outcomes that never come (a killed worker): gone after the longest flight.
+  redis.call('ZREMRANGEBYSCORE', K[4], '-inf', now - tonumber(A[13]))
+  if run >= need then
+    local settle = tonumber(A[12])
+    if settle <= 0 or redis.call('ZCARD', K[4]) == 0 then return open('closed->open') end
+    local due = tonumber(redis.call('HGET', K[1], 'opens_at') or '0')
+    if due == 0 then
+      redis.call('HSET', K[1], 'opens_at', now + settle)
+    elseif now >= due then
+      return open('closed->open')
+    end
+  end
   return {'closed', ''}
 end
 """
@@ -205,6 +250,9 @@ class BreakerPolicy:
     recovery_seconds: float = 30.0
     half_open_max_calls: int = 3
     success_threshold: int = 2
+    # How long a run of failure_threshold faults, recorded while other calls were in
+    # flight, must stand with no success recorded before it opens the breaker.
+    settle_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -228,9 +276,13 @@ class Decision:
 class BreakerBoard:
     """All breakers of the fleet, read and written through Redis."""
 
-    def __init__(self, client: redis.Redis, policies: dict[str, BreakerPolicy]) -> None:
+    def __init__(self, client: redis.Redis, policies: dict[str, BreakerPolicy],
+                 max_call_seconds: float = 300.0) -> None:  # fmt: skip
+        """``max_call_seconds``: the longest a provider call can be in flight (the job's
+        hard time limit); an admitted call not heard of after it counts as ended."""
         self.client = client
         self.policies = policies
+        self.max_call_seconds = max_call_seconds
         self._allow = client.register_script(_ALLOW)
         self._record = client.register_script(_RECORD)
         # In-process guard around Redis itself: 3 Redis errors in a row and the
@@ -257,7 +309,7 @@ class BreakerBoard:
         """:meth:`allow` as a Lua call that another script can make (the worker's job
         start: one round trip claims the job and asks the breaker); see :meth:`decide`."""
         p = self._policy(model)
-        return LuaCall(_ALLOW_FUNCTION, "breaker_allow", [PREFIX + model, PREFIX + model + ":w:"],
+        return LuaCall(_ALLOW_FUNCTION, "breaker_allow", _keys(model),
                        [p.recovery_seconds, p.half_open_max_calls, p.window_seconds])  # fmt: skip
 
     def decide(self, model: str, reply: list[Any]) -> Decision:
@@ -269,7 +321,7 @@ class BreakerBoard:
                         int(oks) if allowed else -1)  # fmt: skip
 
     def record(self, model: str, ok: bool, call: int = 0, uncounted: bool = False,
-               seen: int = -1) -> str:  # fmt: skip
+               seen: int = -1, admitted: int = 0) -> str:  # fmt: skip
         """Report a provider call's outcome (ok=False only for provider faults; a bad
         request is the provider answering, so ok=True). Returns the new state.
 
@@ -277,8 +329,10 @@ class BreakerBoard:
         the provider's answer arrives; an admission number (Decision.call) judges runs in
         admission order instead. ``uncounted``: the call was not counted into the rate
         window when admitted (a second LM call of one job; the store was down).
-        ``seen``: the call's Decision.oks (a success recorded since breaks a run)."""
-        lua = self.record_call(model, ok, call, uncounted, seen)
+        ``seen``: the call's Decision.oks (a success recorded since breaks a run).
+        ``admitted``: the admission (Decision.call) this outcome ends, so that it no longer
+        counts as in flight; a numbered ``call`` ends its own."""
+        lua = self.record_call(model, ok, call, uncounted, seen, admitted)
         try:
             reply = self._redis_guard.call(self._record, keys=lua.keys, args=lua.args)
         except (redis.RedisError, CircuitBreakerError) as exc:
@@ -287,15 +341,25 @@ class BreakerBoard:
         return self.recorded(model, reply)
 
     def record_call(self, model: str, ok: bool, call: int = 0, uncounted: bool = False,
-                    seen: int = -1) -> LuaCall:  # fmt: skip
+                    seen: int = -1, admitted: int = 0) -> LuaCall:  # fmt: skip
         """:meth:`record` as a Lua call that another script can make (e.g. the job's
         finish, saving the round trip); see :meth:`recorded` for its reply."""
         p = self._policy(model)
-        keys = [PREFIX + model, PREFIX + model + ":w:", PREFIX + model + ":faults"]
         args = ["1" if ok else "0", p.failure_threshold, p.failure_rate, p.min_calls,
                 p.window_seconds, p.success_threshold, p.recovery_seconds, call,
-                "1" if uncounted else "0", seen]  # fmt: skip
-        return LuaCall(_RECORD_FUNCTION, "breaker_record", keys, args)
+                "1" if uncounted else "0", seen, admitted or call, p.settle_seconds,
+                self.max_call_seconds]  # fmt: skip
+        return LuaCall(_RECORD_FUNCTION, "breaker_record", _keys(model), args)
+
+    def release(self, model: str, admitted: int) -> None:
+        """An admitted call that never reached the provider (throttled, out of budget, a
+        429): it is no longer in flight. Best effort: the in-flight set forgets it after
+        ``max_call_seconds`` anyway."""
+        try:
+            self._redis_guard.call(self.client.zrem, PREFIX + model + ":flight", admitted)
+        except (redis.RedisError, CircuitBreakerError) as exc:
+            log.warning("breaker store unavailable; admission %s not released: %s",
+                        admitted, exc)  # fmt: skip
 
     def recorded(self, model: str, reply: list[Any]) -> str:
         """The state in a record reply; a transition it made is logged here."""
@@ -316,6 +380,12 @@ class BreakerBoard:
             )
 
 
+def _keys(model: str) -> list[str]:
+    """A breaker's keys: state hash, rate-window prefix, faulted numbers, calls in flight."""
+    base = PREFIX + model
+    return [base, base + ":w:", base + ":faults", base + ":flight"]
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -325,17 +395,20 @@ def read_states(client: redis.Redis, models: list[str]) -> dict[str, str]:
 
     An open breaker whose recovery window has passed (on Redis's clock) reads as
     half_open, though no call has come to make the move yet: a healthy provider
-    must not look down on /ready and the gauge until the next request.
+    must not look down on /ready and the gauge until the next request. Likewise a
+    closed one whose run of faults has stood its settle time reads open.
     """
     pipe = client.pipeline(transaction=False)
     pipe.time()
     for m in models:
-        pipe.hmget(PREFIX + m, "state", "recovers_at")
+        pipe.hmget(PREFIX + m, "state", "recovers_at", "opens_at")
     (seconds, micros), *replies = pipe.execute()
     now = seconds + micros / 1e6
     states = {}
-    for model, (state, recovers_at) in zip(models, replies, strict=True):
+    for model, (state, recovers_at, opens_at) in zip(models, replies, strict=True):
         state = _text(state) if state else "closed"
+        if state == "closed" and opens_at is not None and now >= float(_text(opens_at)):
+            state = "open"
         # An opening written before recovers_at existed stays open until a call moves it.
         if state == "open" and recovers_at is not None and now >= float(_text(recovers_at)):
             state = "half_open"
