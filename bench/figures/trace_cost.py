@@ -12,9 +12,8 @@ each drain) for each setting: on a shared machine far steadier than its throughp
 
 from __future__ import annotations
 
-from bench.context import Bench
+from bench.context import Bench, drain
 from bench.figures.unit_costs import process_cpu
-from bench.load import steady_rate
 from bench.report import Figure, median, spread
 
 PROGRAMS = {"off": "qa_untraced", "default": "qa", "all": "qa_traced"}
@@ -34,15 +33,11 @@ def measure(b: Bench) -> list[Figure]:
         for setting in order[r % 3 :] + order[: r % 3]:
             jobs = b.sizes.worker_jobs
             cpu = process_cpu(worker)
-            times, failed = b.producers.run("ours", jobs, f"l{r}{setting}", timeout=300,
-                                            program=PROGRAMS[setting])  # fmt: skip
+            rate, note = drain(b, f"l{r}{setting}", "ours", jobs, program=PROGRAMS[setting])
             cpu_ms[setting].append(1000 * (process_cpu(worker) - cpu) / jobs)
-            if failed > jobs // 100:
-                raise RuntimeError(f"(l) {setting}: {failed} jobs did not succeed")
-            if failed:
-                notes.append(f"round {r} {setting}: {failed} of {jobs} jobs did not succeed")
-            rates[setting].append(steady_rate(times))
-            b.say(f"(l) round {r} traces {setting}: {rates[setting][-1]:.1f} jobs/s")
+            rates[setting].append(rate)
+            notes += [note] if note else []
+            b.say(f"(l) round {r} traces {setting}: {rate:.1f} jobs/s")
     off, default, full = (median(rates[k]) for k in ("off", "default", "all"))
     spreads = [spread(f"traces {k}", v) for k, v in rates.items()]
     spreads += [spread(f"worker CPU ms/job, traces {k}", v) for k, v in cpu_ms.items()]

@@ -7,11 +7,14 @@ checks that every accepted job ended and was billed exactly once.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -129,6 +132,65 @@ def post_many(url: str, bodies: list[dict[str, Any]], threads: int = 8) -> list[
     chunks = [bodies[i::threads] for i in range(threads)]
     with ThreadPoolExecutor(threads) as pool:
         return [r for part in pool.map(run, chunks) for r in part]
+
+
+@dataclass
+class SubmitStream:
+    """``clients`` threads posting single jobs to ``api_url`` until the ``with`` block ends,
+    through whatever the test breaks meanwhile; what they were answered.
+
+    A connection error is counted as code 0 (never expected: the API itself stays up).
+    ``pause`` s after every answer, ``refused_pause`` s more after one that is not a 202."""
+
+    api_url: str
+    prefix: str = "s"
+    clients: int = 4
+    pause: float = 0.0
+    refused_pause: float = 0.0
+    accepted: list[str] = field(default_factory=list)  # job ids answered 202
+    codes: Counter[int] = field(default_factory=Counter)
+    refusals: Counter[str] = field(default_factory=Counter)  # error codes of the others
+    answered: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, status)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __enter__(self) -> Self:
+        self._threads = [threading.Thread(target=self._submit, args=(n,))
+                         for n in range(self.clients)]  # fmt: skip
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def accepting_since(self, since: float) -> bool:
+        """Whether a 202 came after ``since`` and after the last 503."""
+        answered = list(self.answered)
+        last_503 = max((t for t, code in answered if code == 503), default=since)
+        return any(code == 202 and t > max(since, last_503) for t, code in answered)
+
+    def _submit(self, n: int) -> None:
+        with httpx.Client(base_url=self.api_url, timeout=30) as client:
+            i = 0
+            while not self._stop.is_set():
+                i += 1
+                body = {"input": f"{self.prefix}{n}-{i}: What is {i}+2?", "use_cache": False}
+                try:
+                    resp = client.post("/v1/predict", json=body)
+                except httpx.HTTPError:
+                    self.codes[0] += 1
+                    continue
+                self.codes[resp.status_code] += 1
+                self.answered.append((time.monotonic(), resp.status_code))
+                if resp.status_code == 202:
+                    self.accepted.append(resp.json()["id"])
+                else:
+                    self.refusals[resp.json()["error"]["code"]] += 1
+                    time.sleep(self.refused_pause)
+                time.sleep(self.pause)
 
 
 def assert_billed_once(records: list[dict[str, Any]], totals: dict[str, Any]) -> None:

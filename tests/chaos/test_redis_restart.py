@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 
 import httpx
 
-from tests.chaos.conftest import ChaosStack, assert_billed_once
+from tests.chaos.conftest import ChaosStack, SubmitStream, assert_billed_once
 
 
 def test_redis_restart_mid_run(chaos: ChaosStack) -> None:
@@ -16,43 +15,16 @@ def test_redis_restart_mid_run(chaos: ChaosStack) -> None:
     with chaos.together():
         worker = chaos.start_worker()
         api = chaos.start_api()
-    accepted: list[str] = []
-    codes: Counter[int] = Counter()
-    errors: Counter[str] = Counter()
-    stop = threading.Event()
-
-    def submit(n: int) -> None:
-        with httpx.Client(base_url=api.url, timeout=30) as client:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                try:
-                    resp = client.post("/v1/predict", json={"input": f"r{n}-{i}: What is {i}+2?",
-                                                            "use_cache": False})  # fmt: skip
-                except httpx.HTTPError:
-                    codes[0] += 1  # never expected: the API itself stays up
-                    continue
-                codes[resp.status_code] += 1
-                if resp.status_code == 202:
-                    accepted.append(resp.json()["id"])
-                else:
-                    errors[resp.json()["error"]["code"]] += 1
-                    time.sleep(0.05)
-
-    threads = [threading.Thread(target=submit, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(3)
-    before = len(accepted)
-    chaos.redis_server.stop()  # SIGTERM: Redis writes its AOF and exits
-    t_down = time.monotonic()
-    time.sleep(3)
-    chaos.redis_server.start()  # same port, same data directory: the AOF is replayed
-    downtime = time.monotonic() - t_down
-    time.sleep(4)
-    stop.set()
-    for t in threads:
-        t.join()
+    with SubmitStream(api.url, prefix="r", refused_pause=0.05) as stream:
+        time.sleep(3)
+        before = len(stream.accepted)
+        chaos.redis_server.stop()  # SIGTERM: Redis writes its AOF and exits
+        t_down = time.monotonic()
+        time.sleep(3)
+        chaos.redis_server.start()  # same port, same data directory: the AOF is replayed
+        downtime = time.monotonic() - t_down
+        time.sleep(4)
+    accepted, codes, errors = stream.accepted, stream.codes, stream.refusals
     print(
         f"\n{before} jobs accepted before the restart, {len(accepted)} in all; Redis down "
         f"{downtime:.1f} s; responses {dict(codes)}; refusals {dict(errors)}"

@@ -16,7 +16,6 @@ jobs accepted in that window are.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,7 +26,13 @@ import httpx
 import pytest
 
 from dspy_fleet.devtools.sentinel import SentinelTopology
-from tests.chaos.conftest import FAST_REDELIVERY, ChaosStack, assert_billed_once, chaos_config
+from tests.chaos.conftest import (
+    FAST_REDELIVERY,
+    ChaosStack,
+    SubmitStream,
+    assert_billed_once,
+    chaos_config,
+)
 from tests.conftest import TEST_ENV, MockLLM
 
 BATCH_ITEMS = 1000  # the jobs running or queued when the master dies
@@ -79,7 +84,6 @@ class Run:
     accepted: list[str] = field(default_factory=list)  # stream jobs answered 202
     codes: Counter[int] = field(default_factory=Counter)
     refusals: Counter[str] = field(default_factory=Counter)
-    answered: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, status)
     in_flight: Counter[str | None] = field(default_factory=Counter)  # statuses at the kill
     killed_at: float = 0.0
     promoted_after: float = 0.0
@@ -99,50 +103,26 @@ def _failover(topology: SentinelTopology, fleet: ChaosStack) -> Run:
     assert resp.status_code == 202, resp.text
     assert len(resp.json()["accepted"]) == BATCH_ITEMS
     run.batch_id = resp.json()["id"]
-    stop = threading.Event()
-
-    def submit(n: int) -> None:
-        with httpx.Client(base_url=api.url, timeout=30) as client:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                try:
-                    r = client.post("/v1/predict", json={"input": f"s{n}-{i}: What is {i}+2?",
-                                                         "use_cache": False})  # fmt: skip
-                except httpx.HTTPError:
-                    run.codes[0] += 1  # never expected: the API itself stays up
-                    continue
-                run.codes[r.status_code] += 1
-                run.answered.append((time.monotonic(), r.status_code))
-                if r.status_code == 202:
-                    run.accepted.append(r.json()["id"])
-                else:
-                    run.refusals[r.json()["error"]["code"]] += 1
-                time.sleep(0.02)
-
-    threads = [threading.Thread(target=submit, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
-    run.in_flight = Counter(fleet.statuses(fleet.all_job_ids()).values())
-    topology.stall_replicas()
-    time.sleep(STALL_SECONDS)
-    run.killed_at = time.monotonic()
-    old = topology.kill_master()  # kill -9: no AOF flush, no goodbye to the replicas
-    topology.resume_replicas()
-    _, run.promoted_after = topology.wait_promoted(old, timeout=30)
-    # The stream goes on against the new master: 5 s, or until it accepts jobs again (with
-    # WAIT, only once the other replica has resynced from it: seconds on a loaded machine).
-    promoted = time.monotonic()
-    while time.monotonic() < promoted + BACK_WITHIN_SECONDS and not (
-        time.monotonic() > promoted + 5 and _accepting_since(run, promoted)
-    ):
-        time.sleep(0.25)
-    stop.set()
-    for t in threads:
-        t.join()
-    last_503 = max((t for t, code in run.answered if code == 503), default=run.killed_at)
-    back = [t for t, code in run.answered if code == 202 and t > last_503]
+    with SubmitStream(api.url, pause=0.02) as stream:
+        time.sleep(1.0)
+        run.in_flight = Counter(fleet.statuses(fleet.all_job_ids()).values())
+        topology.stall_replicas()
+        time.sleep(STALL_SECONDS)
+        run.killed_at = time.monotonic()
+        old = topology.kill_master()  # kill -9: no AOF flush, no goodbye to the replicas
+        topology.resume_replicas()
+        _, run.promoted_after = topology.wait_promoted(old, timeout=30)
+        # The stream goes on against the new master: 5 s, or until it accepts jobs again
+        # (with WAIT, only once the other replica has resynced from it: seconds on a
+        # loaded machine).
+        promoted = time.monotonic()
+        while time.monotonic() < promoted + BACK_WITHIN_SECONDS and not (
+            time.monotonic() > promoted + 5 and stream.accepting_since(promoted)
+        ):
+            time.sleep(0.25)
+    run.accepted, run.codes, run.refusals = stream.accepted, stream.codes, stream.refusals
+    last_503 = max((t for t, code in stream.answered if code == 503), default=run.killed_at)
+    back = [t for t, code in stream.answered if code == 202 and t > last_503]
     run.back_after = min(back) - run.killed_at if back else None
     print(
         f"\nat the kill: {dict(run.in_flight)}; {len(run.accepted)} stream jobs accepted; "
@@ -202,13 +182,6 @@ def test_without_wait_the_same_failover_loses_accepted_jobs(
     lost = [j for j in run.accepted if j not in recorded]
     print(f"{len(lost)} of {len(run.accepted)} stream jobs answered 202 are gone")
     assert lost
-
-
-def _accepting_since(run: Run, since: float) -> bool:
-    """Whether a 202 came after ``since`` and after the last 503."""
-    answered = list(run.answered)
-    last_503 = max((t for t, code in answered if code == 503), default=since)
-    return any(code == 202 and t > max(since, last_503) for t, code in answered)
 
 
 def _wait_batch_ended(api_url: str, batch_id: str, timeout: float) -> None:
