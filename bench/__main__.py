@@ -21,6 +21,7 @@ from bench.figures import (
     enqueue_rate,
     fast_fail,
     held_waits,
+    interactive_tail,
     io_concurrency,
     memory,
     trace_cost,
@@ -66,7 +67,8 @@ def warm_up(b: Bench) -> None:
 
 
 # Figures that `--only` can run alone (they need only the running workers).
-ALONE = {"a": worker_throughput.measure, "j": dead_receiver.measure, "l": trace_cost.measure}
+ALONE = {"a": worker_throughput.measure, "j": dead_receiver.measure, "l": trace_cost.measure,
+         "m": interactive_tail.measure}  # fmt: skip
 
 
 def run(mode: str, only: str | None = None) -> list[Figure]:
@@ -93,6 +95,7 @@ def run(mode: str, only: str | None = None) -> list[Figure]:
         figures += dead_receiver.measure(b)
         figures += unit_costs.measure(b)
         figures += trace_cost.measure(b)
+        figures += interactive_tail.measure(b)
         cache_hits.seed(b)
         figures += memory.worker(b)
         # Phase 2, workers stopped: the APIs' request rates, with no consumer taking CPU.

@@ -17,15 +17,16 @@ class Sizes:
     http_seconds: float  # (c), (d): each wrk run
     latency_requests: int  # (e), at 50 req/s
     fast_fail_requests: int  # (h)
+    interactive_requests: int  # (m): idle, and again during the batch
 
 
 MODES = {
     "smoke": Sizes(rounds=1, worker_jobs=100, io_jobs=128, http_seconds=1,
-                   latency_requests=50, fast_fail_requests=20),
+                   latency_requests=50, fast_fail_requests=20, interactive_requests=10),
     "quick": Sizes(rounds=1, worker_jobs=400, io_jobs=640, http_seconds=4,
-                   latency_requests=300, fast_fail_requests=100),
+                   latency_requests=300, fast_fail_requests=100, interactive_requests=30),
     "full": Sizes(rounds=3, worker_jobs=1500, io_jobs=2560, http_seconds=10,
-                  latency_requests=1000, fast_fail_requests=300),
+                  latency_requests=1000, fast_fail_requests=300, interactive_requests=60),
 }  # fmt: skip
 
 

@@ -33,6 +33,15 @@ models:
     timeout: 30
     input_price_per_1k: 0.00015
     output_price_per_1k: 0.0006
+  # Figure (m): a provider limit the fleet paces to (the mock enforces it during (m)).
+  paced:
+    litellm_model: openai/paced-gpt
+    api_base: ${DSPY_FLEET_MOCK_LLM_URL}
+    engine: ${DSPY_FLEET_BENCH_ENGINE:-litellm}
+    timeout: 30
+    rpm: 600
+    input_price_per_1k: 0.00015
+    output_price_per_1k: 0.0006
   fragile:
     litellm_model: openai/fragile
     api_base: ${DSPY_FLEET_MOCK_LLM_URL}
