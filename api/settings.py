@@ -64,7 +64,8 @@ class ApiSettings(CommonSettings):
     )
     # Event streams (api/routes/events.py): the longest one stream stays open (the client
     # then resumes with Last-Event-ID), the keep-alive comment's interval when nothing
-    # happens, and how often a batch stream recounts its items.
+    # happens, and the least time between two recounts of a batch stream (its items' ends
+    # wake it).
     events_max_seconds: float = Field(default=300.0, ge=1, le=3600)
     events_keepalive_seconds: float = Field(default=15.0, ge=0.1, le=300)
     events_batch_poll_seconds: float = Field(default=1.0, ge=0.1, le=60)

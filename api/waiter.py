@@ -146,7 +146,8 @@ class JobWaiter:
     def _sweep(self) -> None:
         """Wake the waiters of every job that ended (or vanished) without a notification."""
         with self._lock:
-            job_ids = list(self._events)
+            # Batch streams (keys "batch:<id>") recount on their own timer.
+            job_ids = [key for key in self._events if not key.startswith("batch:")]
         for start in range(0, len(job_ids), SWEEP_CHUNK):
             chunk = job_ids[start : start + SWEEP_CHUNK]
             for job_id, status in zip(chunk, self.store.statuses(chunk), strict=True):

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from api.auth import new_key
 from dspy_fleet.client import FleetClient, NotFoundError
@@ -73,9 +74,12 @@ class Reader:
         self.comments: list[str] = []
         self.retry: list[str] = []
 
-    def read(self, resp: httpx.Response, stop_after: int | None = None) -> None:
+    def read(self, resp: httpx.Response, stop_after: int | None = None,
+             lines: Iterator[str] | None = None) -> None:  # fmt: skip
+        """Up to the result (or ``stop_after`` events); ``lines``: the response's line
+        iterator, to read on later where an earlier call stopped."""
         block: dict[str, Any] = {}
-        for line in resp.iter_lines():
+        for line in lines or resp.iter_lines():
             if line.startswith(":"):
                 self.comments.append(line)
             elif line.startswith("retry:"):
@@ -246,6 +250,44 @@ def test_a_batch_stream_reports_progress_then_the_batch(fleet: OwnStack) -> None
                                                    "cancelled": 0, "pending": 0}  # fmt: skip
     # Resuming after the first snapshot: the ended batch's result, nothing older.
     assert [e["event"] for e in again.events] == ["result"]
+
+
+def _lrange_calls(client: redis.Redis) -> int:
+    """LRANGE commands Redis has run: a batch recount reads the batch's item list with them."""
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_lrange", {}).get("calls", 0))
+
+
+def test_a_batch_stream_is_woken_by_its_items_ends_not_by_polling(fleet: OwnStack) -> None:
+    # The items take 3 s at the provider: until then nothing in the batch can end, and an
+    # open stream reads nothing (a poll every EVENTS_BATCH_POLL_SECONDS, 1 s, would have
+    # recounted twice); then each item's end wakes it, and it sends the new counts.
+    worker_started(fleet)
+    fleet.mock.set_faults(latency_ms=3000)
+    r = redis.Redis.from_url(fleet.redis_url)
+    try:
+        with http(fleet) as client:
+            items = [{"custom_id": f"w{i}", "input": f"woken {uuid.uuid4().hex}"}
+                     for i in range(2)]  # fmt: skip
+            created = client.post("/v1/batches", json=items)
+            assert created.status_code == 202, created.text
+            path = f"/v1/batches/{created.json()['id']}/events"
+            reader = Reader()
+            with client.stream("GET", path) as resp:
+                assert resp.status_code == 200
+                lines = resp.iter_lines()
+                reader.read(resp, stop_after=1, lines=lines)  # the first snapshot
+                before = _lrange_calls(r)
+                time.sleep(2.0)  # no item can end before 3 s
+                quiet_reads = _lrange_calls(r) - before
+                reader.read(resp, lines=lines)  # on to the result
+    finally:
+        fleet.mock.set_faults(latency_ms=0)
+        r.close()
+    assert reader.events[0]["data"]["counts"]["pending"] == 2
+    assert quiet_reads == 0
+    assert reader.events[-1]["event"] == "result"
+    assert reader.events[-1]["data"]["counts"]["succeeded"] == 2
 
 
 def test_a_stream_over_the_cap_of_held_requests_is_refused_with_429(fleet: OwnStack) -> None:

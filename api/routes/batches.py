@@ -258,7 +258,10 @@ def create_batch() -> tuple[Response, int]:
         "total": len(entries),
         "valid": len(messages),
     }
-    extra: dict[str, Any] = {}
+    # On every item: its end wakes the batch's event streams (dspy_fleet/store/jobs.py,
+    # _CALLBACK_DUE). `batch_id` is only for batches with a callback (their "ended" count;
+    # an item another batch takes over by its idempotency key is adopted through it).
+    extra: dict[str, Any] = {"batch": batch_id}
     if callback.url is not None:
         # Every item's end counts in "ended"; the batch is due once "expected" have ended.
         meta.update(callback_url=callback.url, api_url=request.url_root, expected=len(messages))

@@ -18,9 +18,13 @@ DSPY_FLEET_EVENTS_MAX_SECONDS; the client then reconnects with ``Last-Event-ID``
 (``retry:`` says after 1 s).
 
 A batch's stream is a series of snapshots: a ``progress`` event ({id, status, counts}) each
-time its counts change, read every DSPY_FLEET_EVENTS_BATCH_POLL_SECONDS (one pipelined
-status read per 500 items), then one ``result`` event with the batch object once it has
-ended. Its event id names the snapshot, so a reconnect with ``Last-Event-ID`` is sent the
+time its counts change, then one ``result`` event with the batch object once it has ended.
+It registers its process's channel in the batch's wake set, and the scripts that end the
+batch's items publish to it (dspy_fleet/store/jobs.py, _CALLBACK_DUE): the stream recounts
+(one pipelined status read per 500 items) when woken, at most once per
+DSPY_FLEET_EVENTS_BATCH_POLL_SECONDS however fast its items end, and every RECHECK_SECONDS
+in case a notification was lost; a batch where nothing ends costs no reads between. Its
+event id names the snapshot, so a reconnect with ``Last-Event-ID`` is sent the
 current snapshot only when it differs from the last one received.
 
 Both check the tenant like GET (another tenant's id is a 404), answer errors in the one
@@ -64,6 +68,8 @@ KEEP_ALIVE = ": keep-alive\n\n"
 JOB_EVENT_ID = re.compile(r"^[0-9]{1,9}$")
 BATCH_EVENT_ID = re.compile(r"^[a-z_]{1,20}(?:\.[0-9]{1,9}){5}$")
 BATCH_ENDED = frozenset({"completed", "failed", "cancelled"})
+# What a batch's wake-ups are published as, before its id (dspy_fleet/store/jobs.py).
+BATCH_WAKE = "batch:"
 
 
 def sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
@@ -226,7 +232,7 @@ def batch_events(batch_id: str) -> Response:
     if meta is None or not visible(meta.get("tenant")):
         raise NotFoundError(f"no batch with id {batch_id!r}")
     settings = services().settings
-    body = _batch_stream(store, batch_id, after, request.url_root,
+    body = _batch_stream(store, _waiter(), batch_id, after, request.url_root,
                          settings.events_max_seconds, settings.events_keepalive_seconds,
                          settings.events_batch_poll_seconds)  # fmt: skip
     release = _hold_slot()
@@ -240,28 +246,41 @@ def batch_event_id(summary: dict[str, Any]) -> str:
     return summary["status"] + "".join(f".{n}" for n in parts)
 
 
-def _batch_stream(store: BatchStore, batch_id: str, after: str | None, base_url: str,
-                  max_seconds: float, keepalive: float, poll: float) -> Iterator[str]:  # fmt: skip
+def _batch_stream(store: BatchStore, waiter: Any, batch_id: str, after: str | None,
+                  base_url: str, max_seconds: float, keepalive: float,
+                  interval: float) -> Iterator[str]:  # fmt: skip
+    """The SSE text of a batch (module docstring); ``interval``: the least time between two
+    recounts."""
     deadline = time.monotonic() + max_seconds
     yield f"retry: {RETRY_MS}\n\n"
-    last_write = time.monotonic()
-    while True:
-        meta = store.meta(batch_id)
-        if meta is None:
-            return  # expired
-        summary = summarize(store, batch_id, meta)
-        event_id = batch_event_id(summary)
-        if summary["status"] in BATCH_ENDED:
-            view = batch_view(store, batch_id, meta, base_url)
-            yield sse("result", view, batch_event_id(view))
-            return
-        if event_id != after:
-            yield sse("progress", {"id": batch_id, **summary}, event_id)
-            after, last_write = event_id, time.monotonic()
-        elif time.monotonic() - last_write >= keepalive:
-            yield KEEP_ALIVE
-            last_write = time.monotonic()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
-        time.sleep(min(poll, remaining))
+    with waiter.notified(BATCH_WAKE + batch_id) as woken:
+        store.watch(batch_id, waiter.channel, max_seconds)  # before the first count
+        while True:
+            meta = store.meta(batch_id)
+            if meta is None:
+                return  # expired
+            summary = summarize(store, batch_id, meta)
+            counted = time.monotonic()
+            if summary["status"] in BATCH_ENDED:
+                view = batch_view(store, batch_id, meta, base_url)
+                yield sse("result", view, batch_event_id(view))
+                return
+            event_id = batch_event_id(summary)
+            if event_id != after:
+                yield sse("progress", {"id": batch_id, **summary}, event_id)
+                after = event_id
+            # Wait for an item's end; keep-alives meanwhile, and a recount at least every
+            # RECHECK_SECONDS (a notification may be lost).
+            recheck = counted + RECHECK_SECONDS
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return  # the client resumes with Last-Event-ID
+                if woken.wait(min(keepalive, remaining, max(0.0, recheck - time.monotonic()))):
+                    woken.clear()
+                    # Ends that come meanwhile set it again: one recount for all of them.
+                    time.sleep(max(0.0, min(counted + interval - time.monotonic(), remaining)))
+                    break
+                if time.monotonic() >= recheck:
+                    break
+                yield KEEP_ALIVE

@@ -16,7 +16,7 @@ import redis
 
 from dspy_fleet.broker.producer import read_jobs, result_line
 from dspy_fleet.contract import TERMINAL_STATUSES, utcnow
-from dspy_fleet.store.jobs import BATCH_PREFIX
+from dspy_fleet.store.jobs import BATCH_PREFIX, BATCH_WAKE_PREFIX, WAKE_MARGIN_SECONDS
 from dspy_fleet.store.jobs import KEY_PREFIX as JOB_PREFIX
 
 KEY_PREFIX = BATCH_PREFIX
@@ -70,6 +70,15 @@ class BatchStore:
         # decode_responses=True: names and values are str.
         raw = cast(dict[str, str], self.client.hgetall(KEY_PREFIX + batch_id))
         return raw or None
+
+    def watch(self, batch_id: str, channel: str, seconds: float) -> None:
+        """Have each end of one of the batch's items published on ``channel`` (message
+        ``batch:<id>``) for at least ``seconds`` (plus WAKE_MARGIN_SECONDS). Call before
+        reading the counts: an end after this call is never missed."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sadd(BATCH_WAKE_PREFIX + batch_id, channel)
+        pipe.expire(BATCH_WAKE_PREFIX + batch_id, int(seconds) + 1 + WAKE_MARGIN_SECONDS)
+        pipe.execute()
 
     def mark_cancelled(self, batch_id: str) -> None:
         """Record that cancelling was asked for (the first time only)."""

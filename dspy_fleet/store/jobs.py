@@ -34,6 +34,9 @@ PENDING_KEY = "dspy_fleet:pending"
 # Who waits for a job: a set of pub/sub channels, one per API process holding a request for
 # it (JobStore.watch adds; the finish script publishes the job id to each, then drops it).
 WAKE_PREFIX = "dspy_fleet:wake:"
+# A batch's wake set: the channels of the API processes streaming its events; the scripts
+# that end its items publish ``batch:<id>`` on each (see _CALLBACK_DUE).
+BATCH_WAKE_PREFIX = WAKE_PREFIX + "batch:"
 # A wake set outlives the longest wait that registered in it by this much (a job that
 # never ends leaves no set behind).
 WAKE_MARGIN_SECONDS = 60
@@ -62,15 +65,27 @@ _INT_FIELDS = ("attempts", "rate_limited")
 # A job that ends with a callback_url on its record is due for delivery now; a job of a
 # batch with a callback counts as ended in its batch, and the batch is due once as many
 # items ended as it expects (the delivery confirms from the items' statuses that nothing
-# is pending before it calls: dspy_fleet/store/callbacks.py). Runs inside the scripts that
-# end a job, so a job never ends without its callback being scheduled. The batch hash is
+# is pending before it calls: dspy_fleet/store/callbacks.py). A batch item's end is also
+# published (``batch:<id>``) on the channel of each API process in the wake set
+# (BATCH_WAKE_PREFIX) of the batch that created it (``batch``) and of the batch that
+# counts it (``batch_id``), so that their event streams recount at once instead of polling. Runs
+# inside the scripts that end a job, so a job never ends without its callback being
+# scheduled. The batch hash is
 # a key named from the job's record (not in KEYS), as the due sweep's scripts name job
 # keys: fine on the single Redis this fleet runs on.
 _CALLBACK_DUE = (
     f"local CALLBACKS, BATCH_PREFIX = '{CALLBACKS_KEY}', '{BATCH_PREFIX}'\n"
+    f"local BATCH_WAKE = '{BATCH_WAKE_PREFIX}'\n"
     + """
 local function callback_due(job_key, job_id)
-  local cb = redis.call('HMGET', job_key, 'callback_url', 'batch_id')
+  local cb = redis.call('HMGET', job_key, 'callback_url', 'batch_id', 'batch')
+  for i = 2, 3 do
+    if cb[i] and (i == 2 or cb[3] ~= cb[2]) then
+      for _, channel in ipairs(redis.call('SMEMBERS', BATCH_WAKE .. cb[i])) do
+        redis.call('PUBLISH', channel, 'batch:' .. cb[i])
+      end
+    end
+  end
   if not cb[1] and not cb[2] then return end
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
