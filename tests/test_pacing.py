@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import threading
 import time
 import uuid
@@ -30,6 +29,7 @@ import httpx
 import pytest
 import redis
 
+from dspy_fleet.devtools.latencies import Latencies
 from dspy_fleet.store.breakers import PREFIX as BREAKER_PREFIX
 from dspy_fleet.store.jobs import KEY_PREFIX
 from tests.conftest import TEST_ENV, OwnStack, poll
@@ -158,20 +158,6 @@ def steady_figures(run: Run, provider_model: str) -> tuple[float, float]:
     return limited / max(calls, 1), accepted_per_s
 
 
-class Latencies(list[float]):
-    """Seconds each interactive request took; ``parts`` splits each into the job record's
-    stages (ms): submitted → started, started → finished, finished → answered."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[tuple[float, float, float]] = []
-
-    def slowest(self, n: int = 3) -> str:
-        ranked = sorted(zip(self, self.parts, strict=True), reverse=True)[:n]
-        return "; ".join(f"{t * 1000:.0f} ms = queue {q:.0f} + run {r:.0f} + answer {a:.0f}"
-                         for t, (q, r, a) in ranked)  # fmt: skip
-
-
 def interactive_latencies(fleet: OwnStack, count: int, spacing: float) -> Latencies:
     """Seconds each of ``count`` interactive POST /v1/predict (wait) took, one at a time."""
     assert fleet.api is not None
@@ -181,20 +167,12 @@ def interactive_latencies(fleet: OwnStack, count: int, spacing: float) -> Latenc
             body = {"input": f"interactive {i} {uuid.uuid4().hex}", "model": "capped", "wait": 30}
             started = time.perf_counter()
             resp = http.post("/v1/predict", json=body)
-            out.append(time.perf_counter() - started)
-            answered = time.time()
+            took, answered = time.perf_counter() - started, time.time()
             job = resp.json()
             assert resp.status_code == 200 and job["status"] == "succeeded", resp.text
-            created, begun, ended = (_epoch(job[k]) for k in
-                                     ("created_at", "started_at", "finished_at"))  # fmt: skip
-            out.parts.append(((begun - created) * 1000, (ended - begun) * 1000,
-                              (answered - ended) * 1000))  # fmt: skip
+            out.add(took, job, answered)
             time.sleep(spacing)
     return out
-
-
-def p95(values: list[float]) -> float:
-    return statistics.quantiles(values, n=20)[18]
 
 
 # Half a minute of the limit: a configured rate needs no warm-up to show (its figures are
@@ -223,8 +201,7 @@ def runs(fleet: OwnStack) -> Runs:
     def interactive_while_the_batch_runs() -> None:
         time.sleep(3)
         measured = interactive_latencies(fleet, 30, 0.5)
-        during.extend(measured)
-        during.parts.extend(measured.parts)
+        during.extend_from(measured)
 
     probe = threading.Thread(target=interactive_while_the_batch_runs)
     probe.start()
@@ -256,8 +233,8 @@ def test_with_rpm_configured_the_provider_sees_no_429(runs: Runs) -> None:
           f"calls/s = {rate / (LIMIT_RPM / 60):.1%} of the limit")  # fmt: skip
     # Printed, not asserted (a latency): bench figure (m) measures issue 15's p95 <= 2 x idle
     # as a ratio in one run. Inside the loaded suite a CI run measured 404 ms against 103 ms.
-    print(f"interactive on the capped model, measured: p95 {p95(runs.idle) * 1000:.0f} ms "
-          f"idle, {p95(runs.during) * 1000:.0f} ms during the batch; slowest idle: "
+    print(f"interactive on the capped model, measured: p95 {runs.idle.p95() * 1000:.0f} ms "
+          f"idle, {runs.during.p95() * 1000:.0f} ms during the batch; slowest idle: "
           f"{runs.idle.slowest()}; slowest during: {runs.during.slowest()}")  # fmt: skip
     assert limited == 0
     assert rate >= 0.9 * LIMIT_RPM / 60

@@ -11,39 +11,21 @@ finished → answered), and give the batch's throughput and the 429s the provide
 
 from __future__ import annotations
 
-import statistics
 import time
 import uuid
-from datetime import datetime
 from typing import Any
 
 import httpx
 
 from bench.context import Bench
 from bench.report import Figure
+from dspy_fleet.devtools.latencies import Latencies
 
 MODEL = "paced"
 PROVIDER_MODEL = "paced-gpt"  # the mock's name for it (bench/stack.py)
 RPM = 600
 SPACING_SECONDS = 0.5  # between two interactive requests during the batch
 LEAD_SECONDS = 3.0  # the batch runs this long before the first interactive request
-
-
-class Latencies(list[float]):
-    """Seconds each request took, and each one's stages in ms (queue, run, answer)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[tuple[float, float, float]] = []
-
-    def slowest(self, n: int = 3) -> str:
-        ranked = sorted(zip(self, self.parts, strict=True), reverse=True)[:n]
-        return "; ".join(f"{t * 1000:.0f} ms = queue {q:.0f} + run {r:.0f} + answer {a:.0f}"
-                         for t, (q, r, a) in ranked)  # fmt: skip
-
-
-def _epoch(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def interactive(http: httpx.Client, count: int, spacing: float) -> Latencies:
@@ -54,22 +36,13 @@ def interactive(http: httpx.Client, count: int, spacing: float) -> Latencies:
                 "use_cache": False}  # fmt: skip
         started = time.perf_counter()
         resp = http.post("/v1/predict", json=body)
-        out.append(time.perf_counter() - started)
-        answered = time.time()
+        took, answered = time.perf_counter() - started, time.time()
         job: dict[str, Any] = resp.json()
         if resp.status_code != 200 or job.get("status") != "succeeded":
             raise RuntimeError(f"(m) an interactive request failed: {resp.text[:300]}")
-        created, begun, ended = (_epoch(job[k]) for k in ("created_at", "started_at",
-                                                          "finished_at"))  # fmt: skip
-        out.parts.append(((begun - created) * 1000, (ended - begun) * 1000,
-                          (answered - ended) * 1000))  # fmt: skip
+        out.add(took, job, answered)
         time.sleep(spacing)
     return out
-
-
-def p95(values: list[float]) -> float:
-    """The 95th percentile (statistics.quantiles, exclusive method), in ms."""
-    return 1000 * statistics.quantiles(values, n=20)[18]
 
 
 def measure(b: Bench) -> list[Figure]:
@@ -105,7 +78,7 @@ def measure(b: Bench) -> list[Figure]:
         "rate_limited_by_model"
     ].get(PROVIDER_MODEL, 0)
     calls = after["by_model"].get(PROVIDER_MODEL, 0) - before["by_model"].get(PROVIDER_MODEL, 0)
-    ours, idle_p95 = p95(during), p95(idle)
+    ours, idle_p95 = 1000 * during.p95(), 1000 * idle.p95()
     b.say(f"(m) interactive p95 {ours:.0f} ms during the batch, {idle_p95:.0f} ms idle")
     notes = [
         f"batch of {jobs} on {MODEL} (rpm {RPM}): {counts}, {jobs / elapsed:.2f} jobs/s; "
