@@ -38,7 +38,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -208,19 +208,27 @@ class JobStream:
                     return
                 if not exists:
                     return  # the record expired
-                # Wait for a notification; write keep-alives meanwhile, and read the log
-                # again at least every RECHECK_SECONDS (a notification may be lost).
                 recheck = time.monotonic() + RECHECK_SECONDS
-                while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return  # the client resumes with Last-Event-ID
-                    if woken.wait(min(self.keepalive, remaining, recheck - time.monotonic())):
-                        woken.clear()
-                        break
-                    if time.monotonic() >= recheck:
-                        break
-                    yield KEEP_ALIVE
+                if (yield from _await_change(woken, deadline, recheck, self.keepalive)) is None:
+                    return
+
+
+def _await_change(woken: threading.Event, deadline: float, recheck: float,
+                  keepalive: float) -> Generator[str, None, bool | None]:  # fmt: skip
+    """Keep-alive comments until ``woken`` is set (True; it is cleared again) or
+    ``recheck`` passes, the time to read again anyway as a notification may be lost
+    (False). None when the stream's ``deadline`` comes first (the client resumes with
+    Last-Event-ID). Times are time.monotonic()'s."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        if woken.wait(min(keepalive, remaining, max(0.0, recheck - time.monotonic()))):
+            woken.clear()
+            return True
+        if time.monotonic() >= recheck:
+            return False
+        yield KEEP_ALIVE
 
 
 @bp.get("/batches/<batch_id>/events")
@@ -269,18 +277,9 @@ def _batch_stream(store: BatchStore, waiter: Any, batch_id: str, after: str | No
             if event_id != after:
                 yield sse("progress", {"id": batch_id, **summary}, event_id)
                 after = event_id
-            # Wait for an item's end; keep-alives meanwhile, and a recount at least every
-            # RECHECK_SECONDS (a notification may be lost).
             recheck = counted + RECHECK_SECONDS
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return  # the client resumes with Last-Event-ID
-                if woken.wait(min(keepalive, remaining, max(0.0, recheck - time.monotonic()))):
-                    woken.clear()
-                    # Ends that come meanwhile set it again: one recount for all of them.
-                    time.sleep(max(0.0, min(counted + interval - time.monotonic(), remaining)))
-                    break
-                if time.monotonic() >= recheck:
-                    break
-                yield KEEP_ALIVE
+            woke = yield from _await_change(woken, deadline, recheck, keepalive)
+            if woke is None:
+                return
+            if woke:  # ends that come meanwhile set `woken` again: one recount for them all
+                time.sleep(max(0.0, min(counted + interval, deadline) - time.monotonic()))

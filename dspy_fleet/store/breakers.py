@@ -59,7 +59,18 @@ STATES = {"closed": 0, "open": 1, "half_open": 2}
 # recorded: a rate over recorded outcomes alone would be inflated during a burst, whose
 # faults are recorded before its successes. A run of faults that has stood its settle time
 # (`opens_at`, see _RECORD_FUNCTION) opens the breaker here, refusing the call.
-_ALLOW_FUNCTION = """
+# The one opening, from any state: K as below, the time, the recovery window s.
+_OPEN_FUNCTION = """
+local function breaker_open(K, now, recovery)
+  redis.call('HSET', K[1], 'state', 'open', 'opened_at', now,
+             'recovers_at', now + recovery, 'consecutive', 0)
+  redis.call('HDEL', K[1], 'opens_at')
+  redis.call('DEL', K[3])
+end
+"""
+_ALLOW_FUNCTION = (
+    _OPEN_FUNCTION
+    + """
 local function breaker_allow(K, A)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -87,10 +98,7 @@ local function breaker_allow(K, A)
   end
   local due = tonumber(redis.call('HGET', K[1], 'opens_at') or '0')
   if due > 0 and now >= due then
-    redis.call('HSET', K[1], 'state', 'open', 'opened_at', now,
-               'recovers_at', now + tonumber(A[1]), 'consecutive', 0)
-    redis.call('HDEL', K[1], 'opens_at')
-    redis.call('DEL', K[3])
+    breaker_open(K, now, tonumber(A[1]))
     return {0, 'open', math.ceil(tonumber(A[1]) * 1000), 'closed->open', 0, 0, 0}
   end
   local window = tonumber(A[3])
@@ -104,6 +112,7 @@ local function breaker_allow(K, A)
           tonumber(redis.call('HGET', K[1], 'oks') or '0')}
 end
 """
+)
 _ALLOW = _ALLOW_FUNCTION + "return breaker_allow(KEYS, ARGV)\n"
 
 # Every provider call's outcome, judged against the state *now* (not when the call
@@ -143,7 +152,9 @@ _ALLOW = _ALLOW_FUNCTION + "return breaker_allow(KEYS, ARGV)\n"
 # Calls are counted at admission, not here: a fault can come back long before the
 # successes of calls sent with it (a provider failing fast), and a rate over outcomes
 # recorded so far would be inflated during a burst.
-_RECORD_FUNCTION = """
+_RECORD_FUNCTION = (
+    _OPEN_FUNCTION
+    + """
 local function breaker_record(K, A)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -154,10 +165,7 @@ local function breaker_record(K, A)
   local bucket = math.floor(now / window)
   local cur, prev = K[2] .. bucket, K[2] .. (bucket - 1)
   local function open(transition)
-    redis.call('HSET', K[1], 'state', 'open', 'opened_at', now,
-               'recovers_at', now + tonumber(A[7]), 'consecutive', 0)
-    redis.call('HDEL', K[1], 'opens_at')
-    redis.call('DEL', K[3])
+    breaker_open(K, now, tonumber(A[7]))
     return {'open', transition}
   end
   -- Open: the verdict is in; late outcomes of calls admitted before it opened change
@@ -236,6 +244,7 @@ local function breaker_record(K, A)
   return {'closed', ''}
 end
 """
+)
 _RECORD = _RECORD_FUNCTION + "return breaker_record(KEYS, ARGV)\n"
 
 
@@ -356,7 +365,7 @@ class BreakerBoard:
         429): it is no longer in flight. Best effort: the in-flight set forgets it after
         ``max_call_seconds`` anyway."""
         try:
-            self._redis_guard.call(self.client.zrem, PREFIX + model + ":flight", admitted)
+            self._redis_guard.call(self.client.zrem, _keys(model)[3], admitted)
         except (redis.RedisError, CircuitBreakerError) as exc:
             log.warning("breaker store unavailable; admission %s not released: %s",
                         admitted, exc)  # fmt: skip
