@@ -153,6 +153,7 @@ $(PEER_STAMP):
 	@touch $@
 
 bench-peer: venv bench-tools $(PEER_STAMP)
+	$(BIN)/python -m bench.peer $(BENCH_PEER_ARGS)
 
 # Where one prediction's CPU goes, API and worker apart (py-spy, sampled while holding the GIL).
 bench-profile: venv
