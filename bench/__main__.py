@@ -24,6 +24,7 @@ from bench.figures import (
     interactive_tail,
     io_concurrency,
     memory,
+    scale_out,
     trace_cost,
     unit_costs,
     worker_throughput,
@@ -68,7 +69,7 @@ def warm_up(b: Bench) -> None:
 
 # Figures that `--only` can run alone (they need only the running workers).
 ALONE = {"a": worker_throughput.measure, "j": dead_receiver.measure, "l": trace_cost.measure,
-         "m": interactive_tail.measure}  # fmt: skip
+         "m": interactive_tail.measure, "n": scale_out.measure}  # fmt: skip
 
 
 def run(mode: str, only: str | None = None) -> list[Figure]:
@@ -89,6 +90,7 @@ def run(mode: str, only: str | None = None) -> list[Figure]:
         # Phase 1, workers running: throughput, latency, coalescing, fast-fail.
         figures += worker_throughput.measure(b)
         figures += io_concurrency.measure(b)
+        figures += scale_out.measure(b)
         figures += added_latency.measure(b)
         figures += coalescing.measure(b)
         figures += fast_fail.measure(b)

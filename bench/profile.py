@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.load import paced
 from bench.peer import OURS_CONFIG, tree_cpu
 from dspy_fleet.devtools.procs import child_pids
 from dspy_fleet.devtools.stack import Stack
@@ -92,9 +93,19 @@ def breakdown(raw: Path) -> Counter[str]:
     return counts
 
 
-def send(url: str, jobs: int) -> int:
-    """``jobs`` predictions with ``wait``, cache off, from ``CLIENTS`` threads; failures."""
+def send(url: str, jobs: int, rate: float | None = None) -> int:
+    """``jobs`` predictions with ``wait``, cache off, from ``CLIENTS`` threads (closed loop)
+    or, with ``rate``, started at that steady rate per second (open loop, as bench.peer's
+    latency phase); failures."""
     tag = uuid.uuid4().hex[:8]
+    if rate is not None:
+
+        def paced_one(http: httpx.Client, i: int) -> bool:
+            body = {"input": f"profile {tag} {i}", "wait": 60, "use_cache": False}
+            resp = http.post(url + "/v1/predict", json=body)
+            return resp.status_code == 200 and resp.json().get("status") == "succeeded"
+
+        return paced(paced_one, rate=rate, count=jobs, timeout=60)[1]
     with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=CLIENTS)) as http:
 
         def one(i: int) -> bool:
@@ -110,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     """Start, warm up, profile, print."""
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--jobs", type=int, default=1500)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="start predictions at this steady rate per second (open loop; "
+        "bench.peer measures CPU at 50) instead of 16 closed-loop clients",
+    )
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if not py_spy:
@@ -134,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)  # py-spy attached
         cpu0 = {name: tree_cpu(pids) for name, pids in targets.items()}
         started = time.monotonic()
-        failed = send(api.url, args.jobs)
+        failed = send(api.url, args.jobs, args.rate)
         elapsed = time.monotonic() - started
         cpu1 = {name: tree_cpu(pids) for name, pids in targets.items()}
         for spy in spies:
@@ -143,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             spy.wait(30)
     finally:
         stack.stop()
-    print(f"# {args.jobs} predictions in {elapsed:.1f} s ({args.jobs / elapsed:.0f}/s), "
+    load = f"{args.rate:g}/s open loop" if args.rate else f"{CLIENTS} clients"
+    print(f"# {args.jobs} predictions ({load}) in {elapsed:.1f} s ({args.jobs / elapsed:.0f}/s), "
           f"{failed} failed; mock at 0 ms; default engine; logs in {workdir}")  # fmt: skip
     for name in targets:
         ms = 1000 * (cpu1[name] - cpu0[name]) / args.jobs

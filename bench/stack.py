@@ -28,8 +28,9 @@ models:
   mock:
     litellm_model: openai/mock-gpt
     api_base: ${DSPY_FLEET_MOCK_LLM_URL}
-    # DSPY_FLEET_BENCH_ENGINE=auto measures DSPy's own lm15 engine (both sides).
-    engine: ${DSPY_FLEET_BENCH_ENGINE:-litellm}
+    # The default engine, as a user gets it; DSPY_FLEET_BENCH_ENGINE=litellm measures
+    # LiteLLM (both sides).
+    engine: ${DSPY_FLEET_BENCH_ENGINE:-auto}
     timeout: 30
     input_price_per_1k: 0.00015
     output_price_per_1k: 0.0006
@@ -37,7 +38,7 @@ models:
   paced:
     litellm_model: openai/paced-gpt
     api_base: ${DSPY_FLEET_MOCK_LLM_URL}
-    engine: ${DSPY_FLEET_BENCH_ENGINE:-litellm}
+    engine: ${DSPY_FLEET_BENCH_ENGINE:-auto}
     timeout: 30
     rpm: 600
     input_price_per_1k: 0.00015

@@ -18,7 +18,7 @@ FIGURES = {
     "g_worker_peak_rss", "h_fast_fail_p99", "i_held_waits_health_p99", "i_held_waits_enqueue_rate",
     "j_dead_receiver_throughput", "k_redis_commands_sent_per_job", "k_redis_commands_per_job",
     "k_redis_cpu_ms_per_job", "k_cpu_ms_per_job", "l_trace_cost_default", "l_trace_cost_all",
-    "m_interactive_p95_during_batch",
+    "m_interactive_p95_during_batch", "n_scale_out_two_workers",
 }  # fmt: skip
 LINE = re.compile(
     r"^(?P<name>[a-z]_\w+): (?P<value>[\d.]+) [^(]+\(baseline: (?P<baseline>[\d.]+) [^,]+, "
