@@ -19,8 +19,8 @@ from dspy_fleet.devtools.services import Service
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
 
-# Our default config plus `fragile`, a model whose every call fails with a 500 (per-request
-# header, so the mock stays healthy for everything else) and whose breaker opens after 3.
+# Our default config plus `fragile`, a model whose every call fails with a 500 (its base URL,
+# so the mock stays healthy for everything else) and whose breaker opens after 3.
 CONFIG = """
 default_model: mock
 default_program: qa
@@ -43,12 +43,13 @@ models:
     rpm: 600
     input_price_per_1k: 0.00015
     output_price_per_1k: 0.0006
+  # Every call fails with a 500: a base URL the mock always fails (a per-request header
+  # would make DSPy fall back to LiteLLM, and load it into the worker of figure g).
   fragile:
     litellm_model: openai/fragile
-    api_base: ${DSPY_FLEET_MOCK_LLM_URL}
+    api_base: ${DSPY_FLEET_MOCK_LLM_URL}/_status/500
     max_retries: 0
     breaker: {failure_threshold: 3, recovery_seconds: 300}
-    lm_kwargs: {extra_headers: {X-Mock-Status: "500"}}
 programs:
   qa: {signature: "question -> answer"}
   # Figure (k): the same program with tracing off and at 100 % (qa: the defaults).

@@ -555,3 +555,22 @@ def test_server_modules_do_not_import_heavy_packages() -> None:
 def test_cli_rejects_bad_options() -> None:
     result = CliRunner().invoke(command, ["--error-rate", "2"])
     assert result.exit_code == 2 and "error_rate" in result.output
+
+
+def test_a_status_base_url_fails_every_call_through_it(
+    client: httpx.Client, mock_url: str, dspy: ModuleType
+) -> None:
+    # For a model that must always fail where the client sets only a base URL (DSPy's own
+    # engine sends no extra headers): bench/stack.py's `fragile`.
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for path in ("/v1/_status/503/chat/completions", "/_status/503/v1/chat/completions"):
+        assert client.post(path, json=payload).status_code == 503
+    # A header still wins over the path, as over the server-wide faults.
+    assert client.post("/_status/503/v1/chat/completions", json=payload,
+                       headers={"X-Mock-Status": "200"}).status_code == 200  # fmt: skip
+    assert client.post("/_status/200/v1/chat/completions", json=payload).status_code == 200
+    assert client.post("/_status/999/v1/chat/completions", json=payload).status_code == 404
+    base = mock_url + "/_status/500"
+    lm = dspy.LM("openai/m", api_base=base, api_key="x", cache=False, num_retries=0)
+    with dspy.context(lm=lm), pytest.raises(Exception, match="mock-llm injected error"):
+        dspy.Predict("question -> answer")(question="anything")

@@ -11,8 +11,8 @@ def worker(b: Bench) -> list[Figure]:
     """After the worker figures: our Celery worker vs the bare one (both threads, c64)."""
     ours = peak_rss_mb(b.stack.children["ours-worker"].pid)
     bare = peak_rss_mb(b.stack.children["bare-worker"].pid)
-    return [Figure("g_worker_peak_rss", ours, "MB", bare, "MB bare Celery worker", "<= 250 MB",
-                   ours <= 250)]  # fmt: skip
+    return [Figure("g_worker_peak_rss", ours, "MB", bare, "MB bare Celery worker", "<= 160 MB",
+                   ours <= 160)]  # fmt: skip
 
 
 def api(b: Bench) -> list[Figure]:
@@ -23,4 +23,4 @@ def api(b: Bench) -> list[Figure]:
 
     ours, bare = largest("ours-api"), largest("bare-api")
     return [Figure("g_api_worker_peak_rss", ours, "MB", bare, "MB bare Flask gunicorn worker",
-                   "<= 80 MB", ours <= 80)]  # fmt: skip
+                   "<= 70 MB", ours <= 70)]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import select
 import socket
 import socketserver
@@ -33,6 +34,10 @@ _ERROR_TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
 }
+# A fixed status for every call through a base URL ending in /_status/<code> (the mock's
+# usual base URL, `.../v1`, plus that): a model that always fails, for a client whose only
+# per-model setting is the base URL (DSPy's own engine sends no extra headers).
+_STATUS_PATH = re.compile(r"^(?:/v1)?/_status/(\d{3})(?:/v1)?/chat/completions$")
 _OVERRIDE_HEADERS = (
     "X-Mock-Latency-Ms",
     "X-Mock-Status",
@@ -236,6 +241,12 @@ class MockLLMHandler(BaseHTTPRequestHandler):
             return self._send(413, error_body(413, "body too large or bad Content-Length"))
         if path in ("/v1/chat/completions", "/chat/completions") and method == "POST":
             return self._chat(body)
+        if (fixed := _STATUS_PATH.match(path)) and method == "POST":
+            try:
+                base = Overrides.from_mapping({"status": fixed.group(1)})
+            except ValueError as exc:
+                return self._send(404, error_body(404, str(exc)))
+            return self._chat(body, base)
         if path in ("/v1/models", "/models") and method == "GET":
             with self.server.lock:
                 names = sorted(self.server.models_seen)
@@ -270,20 +281,20 @@ class MockLLMHandler(BaseHTTPRequestHandler):
             return self._send(400, error_body(400, str(exc), "invalid_fault_setting"))
         return self._send_faults()
 
-    def _chat(self, raw: bytes) -> int:
+    def _chat(self, raw: bytes, base: Overrides | None = None) -> int:
         with self.server.lock:
             self.server.chat_completions += 1
             self.server.in_flight += 1
         status = CLIENT_CLOSED
         try:
-            status = self._chat_inner(raw)
+            status = self._chat_inner(raw, base or Overrides())
         finally:
             with self.server.lock:
                 self.server.in_flight -= 1
             self.server.record_chat(self._model, status)
         return status
 
-    def _chat_inner(self, raw: bytes) -> int:
+    def _chat_inner(self, raw: bytes, base: Overrides) -> int:
         try:
             body = json.loads(raw)
         except ValueError as exc:
@@ -302,8 +313,11 @@ class MockLLMHandler(BaseHTTPRequestHandler):
             mock = body.get("mock") or {}
             if not isinstance(mock, dict):
                 raise ValueError("mock: expected a JSON object")
-            # Headers win over the body: they are the quickest thing to change in a curl demo.
-            overrides = Overrides.from_mapping(mock).merged(Overrides.from_mapping(headers))
+            # Headers win over the body (the quickest thing to change in a curl demo), and
+            # both over the path's status.
+            overrides = base.merged(Overrides.from_mapping(mock)).merged(
+                Overrides.from_mapping(headers)
+            )
             n = int(body.get("n") or 1)
             if not 1 <= n <= 128:
                 raise ValueError(f"n: must be between 1 and 128, got {n}")
