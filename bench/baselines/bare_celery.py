@@ -52,7 +52,7 @@ def _get_lm() -> dspy.LM:
             # The default config's `mock` model, built as worker/lm.py builds it (same engine).
             _lm = dspy.LM(
                 "openai/mock-gpt",
-                engine=os.environ.get("DSPY_FLEET_BENCH_ENGINE", "litellm"),
+                engine=os.environ.get("DSPY_FLEET_BENCH_ENGINE", "auto"),
                 api_base=os.environ["DSPY_FLEET_MOCK_LLM_URL"],
                 api_key="unused",
                 timeout=30,
