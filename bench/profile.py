@@ -98,23 +98,17 @@ def send(url: str, jobs: int, rate: float | None = None) -> int:
     or, with ``rate``, started at that steady rate per second (open loop, as bench.peer's
     latency phase); failures."""
     tag = uuid.uuid4().hex[:8]
+
+    def one(http: httpx.Client, i: int) -> bool:
+        body = {"input": f"profile {tag} {i}", "wait": 60, "use_cache": False}
+        resp = http.post(url + "/v1/predict", json=body)
+        return resp.status_code == 200 and resp.json().get("status") == "succeeded"
+
     if rate is not None:
-
-        def paced_one(http: httpx.Client, i: int) -> bool:
-            body = {"input": f"profile {tag} {i}", "wait": 60, "use_cache": False}
-            resp = http.post(url + "/v1/predict", json=body)
-            return resp.status_code == 200 and resp.json().get("status") == "succeeded"
-
-        return paced(paced_one, rate=rate, count=jobs, timeout=60)[1]
-    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=CLIENTS)) as http:
-
-        def one(i: int) -> bool:
-            body = {"input": f"profile {tag} {i}", "wait": 60, "use_cache": False}
-            resp = http.post(url + "/v1/predict", json=body)
-            return resp.status_code == 200 and resp.json().get("status") == "succeeded"
-
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            return sum(not ok for ok in pool.map(one, range(jobs)))
+        return paced(one, rate=rate, count=jobs, timeout=60)[1]
+    limits = httpx.Limits(max_connections=CLIENTS)
+    with httpx.Client(timeout=60, limits=limits) as http, ThreadPoolExecutor(CLIENTS) as pool:
+        return sum(not ok for ok in pool.map(lambda i: one(http, i), range(jobs)))
 
 
 def main(argv: list[str] | None = None) -> int:
