@@ -23,6 +23,18 @@ USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 _ABSENT: Any = object()
 
 
+class BurstServer(ThreadingHTTPServer):
+    """A threaded test server whose listen backlog takes a burst of connections.
+
+    socketserver's default backlog is 5: a burst of 120 calls from a worker's pool overflowed
+    it and the kernel reset connections, which the fleet rightly retried as provider faults,
+    spending attempts a test did not expect. A provider's load balancer does not refuse a
+    burst this size; the mock LLM's server uses the same figure."""
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+
 @dataclass
 class Reply:
     """One HTTP answer: status, JSON body, extra headers."""
@@ -148,8 +160,7 @@ class StubProvider:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = BurstServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

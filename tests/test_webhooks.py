@@ -22,7 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from dspy_fleet.settings import CommonSettings
 from dspy_fleet.store.jobs import JobStore
 from dspy_fleet.webhooks import signing
 from tests.conftest import OwnStack, poll, running_fleet
+from tests.stub_provider import BurstServer
 from tests.test_cache_and_costs import metric_value
 
 SECRET = f"whsec-{uuid.uuid4().hex}"
@@ -61,7 +62,7 @@ class Receiver:
         self.bodies: dict[str, list[dict[str, Any]]] = {}
         self.delivery_ids: dict[str, set[str]] = {}
         self.rejected = 0
-        self.server: ThreadingHTTPServer | None = None
+        self.server: BurstServer | None = None
 
     @property
     def url(self) -> str:
@@ -81,7 +82,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = BurstServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def down(self) -> None:
