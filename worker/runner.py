@@ -254,10 +254,12 @@ def _retry_later(rt: Runtime, msg: JobMessage, token: str, attempt: int,
     if not rt.store.retry_later(msg.job_id, token, retry.countdown, fields, message):
         log.warning("lost the job's lease before scheduling its retry; the new owner runs it")
         return
+    # The cause in the line itself: a reset connection and a 503 call for different fixes.
     log.warning(
-        "transient provider error; retrying in %.2fs (attempt %d)",
+        "transient provider error; retrying in %.2fs (attempt %d): %s",
         retry.countdown,
         attempt,
+        retry.error.message[:300],
         extra={"status": "retrying", "error_code": retry.error.code},
     )
 
