@@ -99,8 +99,10 @@ def stub() -> Iterator[StubProvider]:
 
 
 def _run(stub: StubProvider, tmp_path: Path, engine: str, mode: str, *, timeout: float = 10,
-         api_base: str | None = None) -> tuple[Any, list[Any]]:  # fmt: skip
-    """call_program on a model of ``engine`` at /``mode``; (outputs or the error, outcomes)."""
+         api_base: str | None = None, module: Any = None) -> tuple[Any, list[Any]]:  # fmt: skip
+    """call_program on a model of ``engine`` at /``mode``; (outputs or the error, outcomes).
+
+    ``module``: the program (default a ``question -> answer`` Predict)."""
     import dspy
 
     from worker.lm import ModelPool, _native
@@ -118,7 +120,7 @@ programs:
     # "auto" must really be DSPy's own engine here, or both runs would test LiteLLM.
     assert _native(lm) is (engine != "litellm")
     heard: list[tuple[bool, int]] = []
-    module = dspy.Predict("question -> answer")
+    module = module or dspy.Predict("question -> answer")
     try:
         result: Any = call_program(module, lm, {"question": "q"}, {}, Usage(),
                                    on_answer=lambda ok, n: heard.append((ok, n)))  # fmt: skip
@@ -221,3 +223,49 @@ programs:
                      on_answer=lambda ok, n: events.append(f"answer {ok}"))  # fmt: skip
     # The program's own callbacks still run beside ours.
     assert events == ["answer True", "parse"]
+
+
+@pytest.mark.parametrize("engine", ["litellm", "auto"])
+def test_a_job_s_callbacks_hear_its_lm_calls_only_in_threads_and_on_a_predictor_s_own_lm(
+    stub: StubProvider, tmp_path: Path, engine: str
+) -> None:
+    """The job's callbacks ride on the LM (worker/lm.py, LMCallbacks), not in DSPy's
+    settings, so DSPy does not run them around every module and adapter call; they still
+    hear every LM call: in DSPy's Parallel threads, and through the settings on a predictor
+    that brings an LM the fleet did not build."""
+    import dspy
+
+    class Probe(dspy.Module):
+        def __init__(self, questions: int) -> None:
+            super().__init__()
+            self.predict = dspy.Predict("question -> answer")
+            self.questions = questions
+            self.settings_callbacks: list[int] = []
+
+        def forward(self, question: str) -> Any:
+            self.settings_callbacks.append(len(dspy.settings.get("callbacks") or []))
+            if self.questions == 1:
+                return self.predict(question=question)
+            examples = [dspy.Example(question=f"{question} {i}").with_inputs("question")
+                        for i in range(self.questions)]  # fmt: skip
+            answers = self.predict.batch(examples, num_threads=self.questions)
+            return dspy.Prediction(answer=" / ".join(a.answer for a in answers))
+
+    one = Probe(1)
+    out, heard = _run(stub, tmp_path, engine, "ok", module=one)
+    assert out == {"answer": "forty-two"} and heard == [(True, 1)]
+    assert one.settings_callbacks == [0]  # nothing of the job's in DSPy's settings
+
+    threads = Probe(3)
+    out, heard = _run(stub, tmp_path, engine, "ok", module=threads)
+    assert out == {"answer": " / ".join(["forty-two"] * 3)}
+    assert sorted(heard) == [(True, 1), (True, 2), (True, 3)]  # each thread's call heard
+    assert threads.settings_callbacks == [0]
+
+    own = Probe(1)  # a predictor with its own LM, which does not carry the dispatcher
+    own.predict.lm = dspy.LM("openai/stub", api_base=stub.base("fail"), api_key="unused",
+                             cache=False, num_retries=0)  # fmt: skip
+    failed, heard = _run(stub, tmp_path, engine, "ok", module=own)
+    assert isinstance(failed, ProviderError) and failed.status_code == 503
+    assert heard == [(False, 1)]  # heard through DSPy's settings instead
+    assert own.settings_callbacks == [1]

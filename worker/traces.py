@@ -4,7 +4,7 @@ and answer, variant, program version), redacted and handed to the finish script.
 Which jobs: a share ``sample_rate`` of each program's jobs is kept at once; with
 ``keep_on_feedback`` every other job's trace is parked for ``feedback_window_hours``, and
 a feedback post on the job keeps it (dspy_fleet/store/traces.py). The LM calls are heard
-by a DSPy callback scoped to the job (``dspy.context(callbacks=...)`` in
+by a DSPy LM callback scoped to the job (``dspy.context(dspy_fleet_lm_callbacks=...)`` in
 worker/predict.py), not read from ``lm.history``: one LM object serves many jobs at once
 in a worker. Traces never go to the logs: nothing here logs a value.
 """
