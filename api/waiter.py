@@ -3,14 +3,16 @@
 Each API process has its own wake channel and one subscriber connection to it, opened
 on the first wait. A waiting request registers the process's channel in its job's wake
 set and reads the job in one script (:meth:`JobStore.watch`); the script that finishes
-the job publishes its id on every registered channel (one PUBLISH per waiting process,
-none for a job nobody waits for), and the subscriber wakes the requests waiting for it
-in this process. The scripts that change a job's status on the way (running, retrying,
-throttled, queued again) publish the same way without dropping the set, for the
-process's event streams (api/routes/events.py, :meth:`JobWaiter.notified`); a held
-request woken by one of those reads its job and waits on. No request polls Redis while
-it waits: under the gevent worker a held request costs a greenlet and its socket, under
-gthread a thread that sleeps.
+the job publishes ``<status> <job id>`` on every registered channel (one PUBLISH per
+waiting process, none for a job nobody waits for), and the subscriber wakes the requests
+waiting for it in this process. The scripts that change a job's status on the way
+(running, retrying, throttled, queued again) publish the same way without dropping the
+set, for the process's event streams (api/routes/events.py, :meth:`JobWaiter.notified`);
+a held ``wait`` sleeps through those (it only wants the end: no read, no wake-up per
+step) unless the message names no status (a worker older than this format), when it
+reads its job and waits on. No request polls Redis while it waits: under the gevent
+worker a held request costs a greenlet and its socket, under gthread a thread that
+sleeps.
 
 Pub/sub is at-most-once: a message published while the subscriber reconnects is lost.
 So the subscriber also sweeps: right after each (re)subscription, and every
@@ -37,7 +39,7 @@ import redis
 
 from api import metrics
 from dspy_fleet.contract import TERMINAL_STATUSES
-from dspy_fleet.store.jobs import JobStore
+from dspy_fleet.store.jobs import JobStore, read_wake
 
 log = logging.getLogger("dspy_fleet.api")
 
@@ -71,6 +73,8 @@ class JobWaiter:
             f"dspy_fleet:waiter:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         )
         self._events: dict[str, set[threading.Event]] = defaultdict(set)
+        # The events of ``wait`` calls: set by a job's end only (and by a status-less wake).
+        self._ends_only: set[threading.Event] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -85,7 +89,7 @@ class JobWaiter:
         event = threading.Event()
         # Known to the subscriber before the watch: a sweep after a resubscription then
         # covers an end published while it was not listening.
-        self._register(job_id, event)
+        self._register(job_id, event, ends_only=True)
         try:
             job = self.store.watch(job_id, self.channel, timeout)
             while job is not None and job.get("status") not in TERMINAL_STATUSES:
@@ -118,9 +122,11 @@ class JobWaiter:
         with self._lock:
             return len(self._events)
 
-    def _register(self, job_id: str, event: threading.Event) -> None:
+    def _register(self, job_id: str, event: threading.Event, ends_only: bool = False) -> None:
         with self._lock:
             self._events[job_id].add(event)
+            if ends_only:
+                self._ends_only.add(event)
             if self._thread is None or not self._thread.is_alive():
                 # Started lazily, so it runs in each gunicorn worker after the fork (and,
                 # under gevent, after the monkey-patching: then it is a greenlet).
@@ -129,15 +135,20 @@ class JobWaiter:
 
     def _unregister(self, job_id: str, event: threading.Event) -> None:
         with self._lock:
+            self._ends_only.discard(event)
             waiters = self._events.get(job_id)
             if waiters is not None:
                 waiters.discard(event)
                 if not waiters:
                     del self._events[job_id]
 
-    def _wake(self, job_id: str, source: str) -> None:
+    def _wake(self, job_id: str, source: str, status: str | None = None) -> None:
+        """Set the events waiting for ``job_id``; for a ``status`` that is not an end,
+        only those of event streams (``wait`` sleeps on)."""
         with self._lock:
             events = list(self._events.get(job_id, ()))
+            if status is not None and status not in TERMINAL_STATUSES:
+                events = [e for e in events if e not in self._ends_only]
         if events:  # counted before the requests run on
             metrics.WAIT_WAKEUPS.labels(source).inc()
         for event in events:
@@ -171,7 +182,8 @@ class JobWaiter:
                     timeout = min(LISTEN_SECONDS, next_sweep - time.monotonic())
                     msg = pubsub.get_message(timeout=max(0.0, timeout))
                     if msg is not None and msg["type"] == "message":
-                        self._wake(msg["data"], "notification")
+                        key, status = read_wake(msg["data"])
+                        self._wake(key, "notification", status)
                     elif msg is not None and msg["type"] == "subscribe":
                         # Listening from now on: whatever ended before is found by reading.
                         next_sweep = time.monotonic()

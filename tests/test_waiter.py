@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 
 from api.waiter import JobWaiter
 from dspy_fleet.devtools.redis import RedisServer
-from dspy_fleet.store.jobs import WAKE_PREFIX, JobStore
+from dspy_fleet.store.jobs import WAKE_PREFIX, JobStore, read_wake
 from tests.conftest import poll
 
 SUCCEEDED = {"status": "succeeded", "outputs": {"answer": "42"}}
@@ -182,3 +182,43 @@ def test_a_wait_that_runs_out_answers_the_job_as_it_stands(
     assert client.ttl(WAKE_PREFIX + job_id) > 0
     assert store.finish(job_id, SUCCEEDED) == 1
     assert not client.exists(WAKE_PREFIX + job_id)
+
+
+def hgetalls(client: redis.Redis) -> int:
+    """Full record reads (``JobStore.get``) this Redis has served so far."""
+    return int(client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
+
+
+def test_a_held_wait_sleeps_through_the_steps_an_event_stream_hears(
+    client: redis.Redis, store: JobStore, waiters: Callable[..., JobWaiter]
+) -> None:
+    """Every status change is published (``<status> <job id>``) for the event streams; a
+    held ``wait`` only wants the end, so the job starting neither wakes it nor costs a read.
+    A notification without a status (a worker older than that format) still wakes it: it
+    reads the job and waits on."""
+    waiter = waiters(recheck_seconds=600)  # no sweep during the test
+    job_id = new_job(store)
+    held = Waiting(waiter, job_id, 30)
+    poll(lambda: watched(client, waiter, job_id) and waiter.listening.is_set())
+    with waiter.notified(job_id) as stream:
+        reads = hgetalls(client)
+        claim = store.start(job_id, {}, {"started_at": "2026-12-01T00:00:00+00:00"})
+        assert claim.token is not None
+        assert stream.wait(10)  # the event stream heard "running"
+        time.sleep(0.3)
+        assert hgetalls(client) == reads  # the held wait did not wake to read it
+        client.publish(waiter.channel, job_id)  # the old format: a bare job id
+        poll(lambda: hgetalls(client) == reads + 1)  # it read the job, still running...
+    assert held.thread.is_alive()  # ...and waits on
+    assert store.finish(job_id, SUCCEEDED, token=claim.token) == 1
+    job = held.join()
+    assert job is not None and job["status"] == "succeeded" and held.seconds < 30
+    assert hgetalls(client) == reads + 2  # one read for the end
+
+
+def test_a_wake_message_names_the_job_and_its_status() -> None:
+    assert read_wake("running abc") == ("abc", "running")
+    assert read_wake("succeeded job with spaces") == ("job with spaces", "succeeded")
+    assert read_wake("abc") == ("abc", None)  # a bare job id (older workers)
+    assert read_wake("batch:b1") == ("batch:b1", None)
+    assert read_wake("not-a-status abc") == ("not-a-status abc", None)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, cast
 
 import redis
 
-from dspy_fleet.contract import DEFAULT_TENANT, TERMINAL_STATUSES, JobMessage
+from dspy_fleet.contract import DEFAULT_TENANT, JOB_STATUSES, TERMINAL_STATUSES, JobMessage
 from dspy_fleet.store import ledger, quotas
 from dspy_fleet.store.feedback import RECORD_OUTCOME
 from dspy_fleet.store.traces import STASH_TRACE
@@ -32,7 +32,8 @@ LEASE_PREFIX = "dspy_fleet:lease:"
 # expiry (worker/recovery.py looks).
 PENDING_KEY = "dspy_fleet:pending"
 # Who waits for a job: a set of pub/sub channels, one per API process holding a request for
-# it (JobStore.watch adds; the finish script publishes the job id to each, then drops it).
+# it (JobStore.watch adds; each status change publishes ``<status> <job id>`` to each, and
+# the finish script then drops the set: see :func:`read_wake`).
 WAKE_PREFIX = "dspy_fleet:wake:"
 # A batch's wake set: the channels of the API processes streaming its events; the scripts
 # that end its items publish ``batch:<id>`` on each (see _CALLBACK_DUE).
@@ -106,8 +107,8 @@ end
 
 # Append the job's current status to its event log (EVENTS_PREFIX): see the comment there,
 # with the record's fields ``names`` (the caller knows which belong to its status; no script
-# names a status itself: tests/test_owners.py). ``wake``: also publish the job id on the
-# channel of each API process in the job's wake set, so its event streams read on at once
+# names a status itself: tests/test_owners.py). ``wake``: also publish ``<status> <job id>``
+# on the channel of each API process in the job's wake set, so its event streams read on at once
 # (the finish script publishes by itself, and then drops the set). Called after the record
 # was written, by every script that changes a job's status (here, in worker/recovery.py and
 # in dspy_fleet/store/leases.py). The list and wake keys are named from the job id (not in
@@ -133,7 +134,7 @@ local function job_event(job_key, job_id, wake, names)
   if ttl > 0 then redis.call('EXPIRE', key, ttl) end
   if wake then
     for _, channel in ipairs(redis.call('SMEMBERS', WAKE .. job_id)) do
-      redis.call('PUBLISH', channel, job_id)
+      redis.call('PUBLISH', channel, status .. ' ' .. job_id)
     end
   end
 end
@@ -259,7 +260,8 @@ stash_trace(KEYS[1], ARGV[2])
 job_event(KEYS[1], ARGV[2], false)
 local waiting = redis.call('SMEMBERS', KEYS[5])
 if #waiting > 0 then
-  for _, channel in ipairs(waiting) do redis.call('PUBLISH', channel, ARGV[2]) end
+  local ended = redis.call('HGET', KEYS[1], 'status') .. ' ' .. ARGV[2]
+  for _, channel in ipairs(waiting) do redis.call('PUBLISH', channel, ended) end
   redis.call('DEL', KEYS[5])
 end
 return 1
@@ -421,6 +423,18 @@ class LuaCall(NamedTuple):
     args: list[Any]
 
 
+def read_wake(message: str) -> tuple[str, str | None]:
+    """What a wake notification names: ``(job id, its status)``, or ``(key, None)`` when the
+    status is not given (a batch's ``batch:<id>``, or a bare job id from a worker older
+    than this format, met in a rolling upgrade: the waiter then reads the job).
+
+    Statuses have no spaces; a job id may, so the first space splits."""
+    status, sep, job_id = message.partition(" ")
+    if sep and status in JOB_STATUSES:
+        return job_id, status
+    return message, None
+
+
 def job_record(
     message: JobMessage,
     *,
@@ -563,8 +577,9 @@ class JobStore:
         return {"job_id": job_id, **decode(cast(dict[str, str], raw))} if raw else None
 
     def watch(self, job_id: str, channel: str, seconds: float) -> dict[str, Any] | None:
-        """:meth:`get`, and unless the job has ended, have its end published on ``channel``
-        (the job id as the message), by whichever writer finishes it, for at least
+        """:meth:`get`, and unless the job has ended, have its status changes and its end
+        published on ``channel`` (``<status> <job id>``, :func:`read_wake`), by whichever
+        writer makes them, for at least
         ``seconds`` (plus WAKE_MARGIN_SECONDS). One round trip; atomic with the read, so an
         end is never missed between the two."""
         ttl = int(seconds) + 1 + WAKE_MARGIN_SECONDS
