@@ -1,10 +1,14 @@
-"""worker/dspy_env.py's memo of DSPy's model metadata: the same answers, looked up once."""
+"""worker/dspy_env.py's patches of DSPy: the memo of its model metadata (the same answers,
+looked up once), and the job callback dispatcher on every LM."""
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import pytest
 
-from worker.dspy_env import dspy  # noqa: F401 - applies the patches
+from worker.dspy_env import dspy  # applies the patches
 
 from dspy.clients import capabilities, costs, model_metadata  # isort: skip
 
@@ -48,3 +52,31 @@ def test_an_unknown_model_is_scanned_once() -> None:
         assert model_metadata.model_info("openai", model) == {}
     after = model_metadata.model_info.cache_info()
     assert (after.misses - before.misses, after.hits - before.hits) == (1, 4)
+
+
+def test_every_lm_in_the_process_carries_the_job_callback_dispatcher_once() -> None:
+    """However an LM comes to be (built, copied, deep-copied, unpickled, loaded from a saved
+    state, a BaseLM subclass), it passes its calls on to the running job's callbacks, once."""
+    import pickle
+
+    from dspy.clients.base_lm import BaseLM
+
+    from worker.dspy_env import LMCallbacks, carries_job_callbacks
+
+    class OwnLM(BaseLM):
+        def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+    built = dspy.LM("openai/stub", api_base="http://127.0.0.1:9/v1", api_key="unused")
+    made = [
+        built,
+        built.copy(temperature=0.5),
+        copy.deepcopy(built),
+        pickle.loads(pickle.dumps(built)),
+        dspy.LM.load_state(built.dump_state()),
+        OwnLM("own"),
+        dspy.LM("openai/stub", callbacks=[dspy.utils.callback.BaseCallback()]),
+    ]
+    for lm in made:
+        assert carries_job_callbacks(lm), lm
+        assert sum(isinstance(c, LMCallbacks) for c in lm.callbacks) == 1, lm.callbacks

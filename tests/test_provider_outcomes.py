@@ -226,24 +226,28 @@ programs:
 
 
 @pytest.mark.parametrize("engine", ["litellm", "auto"])
-def test_a_job_s_callbacks_hear_its_lm_calls_only_in_threads_and_on_a_predictor_s_own_lm(
+def test_a_job_s_callbacks_hear_every_lm_call_without_riding_on_every_module_call(
     stub: StubProvider, tmp_path: Path, engine: str
 ) -> None:
-    """The job's callbacks ride on the LM (worker/lm.py, LMCallbacks), not in DSPy's
-    settings, so DSPy does not run them around every module and adapter call; they still
-    hear every LM call: in DSPy's Parallel threads, and through the settings on a predictor
-    that brings an LM the fleet did not build."""
+    """The job's callbacks are heard through the dispatcher every LM carries
+    (worker/dspy_env.py, LMCallbacks), not from DSPy's settings, so DSPy does not run them
+    around every module and adapter call. They still hear every LM call: in DSPy's Parallel
+    threads, on a predictor's own LM, on an LM passed at call time; and a job whose LM lacks
+    the dispatcher falls back to DSPy's settings."""
     import dspy
 
     class Probe(dspy.Module):
-        def __init__(self, questions: int) -> None:
+        def __init__(self, questions: int = 1, call_lm: Any = None) -> None:
             super().__init__()
             self.predict = dspy.Predict("question -> answer")
             self.questions = questions
+            self.call_lm = call_lm
             self.settings_callbacks: list[int] = []
 
         def forward(self, question: str) -> Any:
             self.settings_callbacks.append(len(dspy.settings.get("callbacks") or []))
+            if self.call_lm is not None:
+                return self.predict(question=question, lm=self.call_lm)
             if self.questions == 1:
                 return self.predict(question=question)
             examples = [dspy.Example(question=f"{question} {i}").with_inputs("question")
@@ -251,21 +255,55 @@ def test_a_job_s_callbacks_hear_its_lm_calls_only_in_threads_and_on_a_predictor_
             answers = self.predict.batch(examples, num_threads=self.questions)
             return dspy.Prediction(answer=" / ".join(a.answer for a in answers))
 
-    one = Probe(1)
+    def failing_lm() -> Any:  # not built by the fleet's ModelPool
+        return dspy.LM("openai/stub", api_base=stub.base("fail"), api_key="unused",
+                       cache=False, num_retries=0)  # fmt: skip
+
+    one = Probe()
     out, heard = _run(stub, tmp_path, engine, "ok", module=one)
     assert out == {"answer": "forty-two"} and heard == [(True, 1)]
     assert one.settings_callbacks == [0]  # nothing of the job's in DSPy's settings
 
-    threads = Probe(3)
+    threads = Probe(questions=3)
     out, heard = _run(stub, tmp_path, engine, "ok", module=threads)
     assert out == {"answer": " / ".join(["forty-two"] * 3)}
     assert sorted(heard) == [(True, 1), (True, 2), (True, 3)]  # each thread's call heard
     assert threads.settings_callbacks == [0]
 
-    own = Probe(1)  # a predictor with its own LM, which does not carry the dispatcher
-    own.predict.lm = dspy.LM("openai/stub", api_base=stub.base("fail"), api_key="unused",
-                             cache=False, num_retries=0)  # fmt: skip
-    failed, heard = _run(stub, tmp_path, engine, "ok", module=own)
-    assert isinstance(failed, ProviderError) and failed.status_code == 503
-    assert heard == [(False, 1)]  # heard through DSPy's settings instead
-    assert own.settings_callbacks == [1]
+    own = Probe()  # a predictor that brings its own LM
+    own.predict.lm = failing_lm()
+    at_call = Probe(call_lm=failing_lm())  # an LM handed over at call time
+    for program in (own, at_call):
+        failed, heard = _run(stub, tmp_path, engine, "ok", module=program)
+        assert isinstance(failed, ProviderError) and failed.status_code == 503
+        assert heard == [(False, 1)]  # the other LM's call, heard
+        assert program.settings_callbacks == [0]
+
+
+def test_a_job_on_an_lm_without_the_dispatcher_is_heard_through_dspy_s_settings(
+    stub: StubProvider, tmp_path: Path
+) -> None:
+    import dspy
+
+    from worker.dspy_env import carries_job_callbacks
+    from worker.predict import Usage, call_program
+
+    lm = dspy.LM("openai/stub", api_base=stub.base("ok"), api_key="unused", cache=False,
+                 num_retries=0)  # fmt: skip
+    lm.callbacks.clear()  # as an LM whose class skipped BaseLM.__init__ would be
+    assert not carries_job_callbacks(lm)
+    seen: list[int] = []
+
+    class Probe(dspy.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.predict = dspy.Predict("question -> answer")
+
+        def forward(self, question: str) -> Any:
+            seen.append(len(dspy.settings.get("callbacks") or []))
+            return self.predict(question=question)
+
+    heard: list[tuple[bool, int]] = []
+    out = call_program(Probe(), lm, {"question": "q"}, {}, Usage(),
+                       on_answer=lambda ok, n: heard.append((ok, n)))  # fmt: skip
+    assert out == {"answer": "forty-two"} and heard == [(True, 1)] and seen == [1]

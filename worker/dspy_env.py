@@ -18,10 +18,14 @@ os.environ.setdefault("DSPY_CACHEDIR", os.path.join(tempfile.gettempdir(), "dspy
 
 import copy  # noqa: E402
 import functools  # noqa: E402
+import logging  # noqa: E402
 from types import ModuleType  # noqa: E402
 from typing import Any  # noqa: E402
 
 import dspy  # noqa: E402
+from dspy.utils.callback import BaseCallback  # noqa: E402
+
+log = logging.getLogger("dspy_fleet.worker")
 
 # Our own cache (keyed on program version, model and parameters) replaces DSPy's.
 dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
@@ -72,6 +76,89 @@ def _memoize_model_metadata() -> None:
 _memoize_model_metadata()
 
 
+# The dspy.context key under which a job hands its own LM callbacks (its breaker outcomes, its
+# trace) to :data:`LM_CALLBACKS`. A DSPy setting, so DSPy's Parallel carries it into its
+# threads as it carries the LM.
+JOB_LM_CALLBACKS = "dspy_fleet_lm_callbacks"
+
+
+class LMCallbacks(BaseCallback):
+    """The one callback every LM in a worker process carries (_job_callbacks_on_every_lm): it
+    passes each LM call's start and end to the callbacks of the job running it
+    (``dspy.context(dspy_fleet_lm_callbacks=...)``), and to nothing outside a job.
+
+    Why not ``dspy.context(callbacks=...)``: DSPy runs the callbacks of its settings around
+    every module, adapter and LM call (dspy/utils/callback.py, ``with_callbacks``), each
+    wrapped call paying a call id, ``inspect.getcallargs`` and a no-op handler per callback.
+    Ours only listen to LM calls; on the module and the adapter that cost was ~0.3 ms of a
+    job's 4.7 ms of worker CPU (``make bench-profile``, 2026-12-01). A handler that raises
+    is logged and the others still run, as DSPy does with its own."""
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        """Pass the start of an LM call on to the job's callbacks."""
+        for callback in dspy.settings.get(JOB_LM_CALLBACKS) or ():
+            try:
+                callback.on_lm_start(call_id=call_id, instance=instance, inputs=inputs)
+            except Exception as exc:  # noqa: BLE001 - as DSPy treats a callback's error
+                log.warning("LM callback %r failed on the call's start: %s", callback, exc)
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: BaseException | None = None) -> None:
+        """Pass the end of an LM call (its outputs or the exception it raised) on."""
+        for callback in dspy.settings.get(JOB_LM_CALLBACKS) or ():
+            try:
+                callback.on_lm_end(call_id=call_id, outputs=outputs, exception=exception)
+            except Exception as exc:  # noqa: BLE001 - as DSPy treats a callback's error
+                log.warning("LM callback %r failed on the call's end: %s", callback, exc)
+
+
+LM_CALLBACKS = LMCallbacks()
+
+
+def carries_job_callbacks(lm: Any) -> bool:
+    """Whether ``lm`` passes its calls on to the running job's callbacks (see LMCallbacks)."""
+    return any(isinstance(c, LMCallbacks) for c in getattr(lm, "callbacks", None) or ())
+
+
+def _attach_job_callbacks(lm: Any) -> None:
+    callbacks = getattr(lm, "callbacks", None)
+    if isinstance(callbacks, list) and not any(isinstance(c, LMCallbacks) for c in callbacks):
+        callbacks.append(LM_CALLBACKS)
+
+
+def _job_callbacks_on_every_lm() -> None:
+    """Give every LM made in this process the dispatcher: the fleet's (worker/lm.py), and
+    any a program brings (a predictor's own ``lm``, an LM passed at call time, a tool's,
+    an optimized sub-program's), so that a job hears each of its LM calls whichever LM makes
+    it. Through ``BaseLM.__init__`` (``dspy.LM``, ``load_state`` and every subclass that
+    calls it, as DSPy asks of custom LMs) and ``dspy.LM.__setstate__`` (an unpickled LM);
+    ``copy()`` and ``deepcopy`` keep it. An LM without it, as the job's LM, makes the job
+    hand its callbacks to DSPy's settings instead (worker/predict.py)."""
+    from dspy.clients.base_lm import BaseLM
+
+    init = BaseLM.__init__
+    if getattr(init, "_dspy_fleet_job_callbacks", False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807 - the patched name
+        init(self, *args, **kwargs)
+        _attach_job_callbacks(self)
+
+    setstate = dspy.LM.__setstate__
+
+    @functools.wraps(setstate)
+    def __setstate__(self: Any, state: Any) -> None:  # noqa: N807 - the patched name
+        setstate(self, state)
+        _attach_job_callbacks(self)
+
+    __init__._dspy_fleet_job_callbacks = True  # type: ignore[attr-defined]
+    BaseLM.__init__ = __init__
+    dspy.LM.__setstate__ = __setstate__
+
+
+_job_callbacks_on_every_lm()
+
+
 @functools.cache
 def litellm_module() -> ModuleType:
     """litellm, imported once and told to stay quiet and offline."""
@@ -109,4 +196,4 @@ def _skip_idle_service_hooks(litellm: ModuleType) -> None:
         setattr(ServiceLogging, name, functools.wraps(original)(hook))
 
 
-__all__ = ["dspy", "litellm_module"]
+__all__ = ["JOB_LM_CALLBACKS", "LM_CALLBACKS", "carries_job_callbacks", "dspy", "litellm_module"]

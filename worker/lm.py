@@ -6,9 +6,6 @@ import functools
 import logging
 import os
 import threading
-from typing import Any
-
-from dspy.utils.callback import BaseCallback
 
 from dspy_fleet.cost import Price
 from dspy_fleet.errors import ConfigError, UnknownModelError
@@ -16,43 +13,6 @@ from dspy_fleet.fleet_config import FleetConfig, ModelConfig
 from worker.dspy_env import dspy, litellm_module
 
 log = logging.getLogger("dspy_fleet.worker")
-
-# The dspy.context key under which a job hands its own LM callbacks (its breaker outcomes, its
-# trace) to :data:`LM_CALLBACKS`. A DSPy setting, so DSPy's Parallel carries it into its
-# threads as it carries the LM.
-JOB_LM_CALLBACKS = "dspy_fleet_lm_callbacks"
-
-
-class LMCallbacks(BaseCallback):
-    """The one callback every LM the fleet builds carries: it passes each LM call's start and
-    end to the callbacks of the job running it (``dspy.context(dspy_fleet_lm_callbacks=...)``)
-    and to nothing outside a job.
-
-    Why not ``dspy.context(callbacks=...)``: DSPy runs the callbacks of its settings around
-    every module, adapter and LM call (dspy/utils/callback.py, ``with_callbacks``), each
-    wrapped call paying a call id, ``inspect.getcallargs`` and a no-op handler per callback.
-    Ours only listen to LM calls; on the module and the adapter that cost was ~0.3 ms of a
-    job's 4.7 ms of worker CPU (``make bench-profile``, 2026-12-01). A handler that raises
-    is logged and the others still run, as DSPy does with its own."""
-
-    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        """Pass the start of an LM call on to the job's callbacks."""
-        for callback in dspy.settings.get(JOB_LM_CALLBACKS) or ():
-            try:
-                callback.on_lm_start(call_id=call_id, instance=instance, inputs=inputs)
-            except Exception as exc:  # noqa: BLE001 - as DSPy treats a callback's error
-                log.warning("LM callback %r failed on the call's start: %s", callback, exc)
-
-    def on_lm_end(self, call_id: str, outputs: Any, exception: BaseException | None = None) -> None:
-        """Pass the end of an LM call (its outputs or the exception it raised) on."""
-        for callback in dspy.settings.get(JOB_LM_CALLBACKS) or ():
-            try:
-                callback.on_lm_end(call_id=call_id, outputs=outputs, exception=exception)
-            except Exception as exc:  # noqa: BLE001 - as DSPy treats a callback's error
-                log.warning("LM callback %r failed on the call's end: %s", callback, exc)
-
-
-LM_CALLBACKS = LMCallbacks()
 
 
 class ModelPool:
@@ -114,7 +74,6 @@ class ModelPool:
             # free the worker slot and be visible in the job's attempt count.
             cache=False,
             num_retries=0,
-            callbacks=[LM_CALLBACKS],
             **cfg.lm_kwargs,
         )
         native = _native(lm)

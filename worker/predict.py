@@ -23,9 +23,8 @@ from dspy_fleet.errors import (
     ProviderError,
     ProviderRequestError,
 )
-from worker.dspy_env import dspy
+from worker.dspy_env import JOB_LM_CALLBACKS, carries_job_callbacks, dspy
 from worker.faults import map_provider_error
-from worker.lm import JOB_LM_CALLBACKS, LM_CALLBACKS
 from worker.programs import program_inputs
 from worker.traces import CURRENT as CURRENT_TRACE
 
@@ -143,22 +142,6 @@ def _json_safe(value: Any) -> Any:
 # The inputs each program declares, computed once per module object (the registry keeps
 # its modules for the process's life).
 _declared: weakref.WeakKeyDictionary[dspy.Module, frozenset[str]] = weakref.WeakKeyDictionary()
-# Whether each program's predictors all call the LM of the context (none brings its own).
-_context_lm_only: weakref.WeakKeyDictionary[dspy.Module, bool] = weakref.WeakKeyDictionary()
-
-
-def _lm_scoped(module: dspy.Module, lm: dspy.LM) -> bool:
-    """Whether a job's callbacks may listen on the LM alone (worker/lm.py, LMCallbacks): the
-    LM carries the fleet's dispatcher and no predictor calls an LM of its own (which would
-    not carry it). Otherwise they go in DSPy's settings and hear every call, as before."""
-    if LM_CALLBACKS not in getattr(lm, "callbacks", ()):
-        return False
-    only = _context_lm_only.get(module)
-    if only is None:
-        only = _context_lm_only[module] = all(
-            getattr(p, "lm", None) is None for p in module.predictors()
-        )
-    return only
 
 
 def check_inputs(module: dspy.Module, inputs: Mapping[str, Any]) -> None:
@@ -210,7 +193,9 @@ def call_program(
         heard.append(outcomes)
     if (recorder := CURRENT_TRACE.get()) is not None:
         heard.append(recorder)  # this job's trace (worker/traces.py): its LM calls
-    if heard and _lm_scoped(module, lm):
+    if heard and carries_job_callbacks(lm):
+        # Heard by the dispatcher every LM of the process carries (worker/dspy_env.py),
+        # not by DSPy around every module and adapter call too.
         settings[JOB_LM_CALLBACKS] = tuple(heard)
     elif heard:
         settings["callbacks"] = [*dspy.settings.get("callbacks", []), *heard]
