@@ -3,14 +3,14 @@
 Each API process has its own wake channel and one subscriber connection to it, opened
 on the first wait. A waiting request registers the process's channel in its job's wake
 set and reads the job in one script (:meth:`JobStore.watch`); the script that finishes
-the job publishes ``<status> <job id>`` on every registered channel (one PUBLISH per
-waiting process, none for a job nobody waits for), and the subscriber wakes the requests
-waiting for it in this process. The scripts that change a job's status on the way
-(running, retrying, throttled, queued again) publish the same way without dropping the
-set, for the process's event streams (api/routes/events.py, :meth:`JobWaiter.notified`);
-a held ``wait`` sleeps through those (it only wants the end: no read, no wake-up per
-step) unless the message names no status (a worker older than this format), when it
-reads its job and waits on. No request polls Redis while it waits: under the gevent
+the job publishes its id on every registered channel (one PUBLISH per waiting process,
+none for a job nobody waits for), and the subscriber wakes the requests waiting for it
+in this process. The scripts that change a job's status on the way (running, retrying,
+throttled, queued again) publish ``<status> <job id>`` without dropping the set, for the
+process's event streams (api/routes/events.py, :meth:`JobWaiter.notified`); a held
+``wait`` sleeps through those (it only wants the end: no read, no wake-up per step). A
+worker from before the status was sent publishes the bare id for a step too: a held wait
+woken by it reads its job and waits on. No request polls Redis while it waits: under the gevent
 worker a held request costs a greenlet and its socket, under gthread a thread that
 sleeps.
 
@@ -154,6 +154,15 @@ class JobWaiter:
         for event in events:
             event.set()
 
+    def _heard(self, message: str) -> None:
+        """Wake whoever a notification concerns (dspy_fleet/store/jobs.py, read_wake). A
+        message that is itself an id waited for here is that job's end (or an older worker's
+        step): read as such, whatever it looks like."""
+        with self._lock:
+            bare = message in self._events
+        key, status = (message, None) if bare else read_wake(message)
+        self._wake(key, "notification", status)
+
     def _sweep(self) -> None:
         """Wake the waiters of every job that ended (or vanished) without a notification."""
         with self._lock:
@@ -182,8 +191,7 @@ class JobWaiter:
                     timeout = min(LISTEN_SECONDS, next_sweep - time.monotonic())
                     msg = pubsub.get_message(timeout=max(0.0, timeout))
                     if msg is not None and msg["type"] == "message":
-                        key, status = read_wake(msg["data"])
-                        self._wake(key, "notification", status)
+                        self._heard(msg["data"])
                     elif msg is not None and msg["type"] == "subscribe":
                         # Listening from now on: whatever ended before is found by reading.
                         next_sweep = time.monotonic()

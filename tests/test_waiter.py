@@ -192,10 +192,10 @@ def hgetalls(client: redis.Redis) -> int:
 def test_a_held_wait_sleeps_through_the_steps_an_event_stream_hears(
     client: redis.Redis, store: JobStore, waiters: Callable[..., JobWaiter]
 ) -> None:
-    """Every status change is published (``<status> <job id>``) for the event streams; a
-    held ``wait`` only wants the end, so the job starting neither wakes it nor costs a read.
-    A notification without a status (a worker older than that format) still wakes it: it
-    reads the job and waits on."""
+    """Every step is published (``<status> <job id>``) for the event streams; a held
+    ``wait`` only wants the end, so the job starting neither wakes it nor costs a read. A
+    bare job id (an end; or a step, from a worker older than that format) wakes it: it reads
+    the job and, the job still running, waits on."""
     waiter = waiters(recheck_seconds=600)  # no sweep during the test
     job_id = new_job(store)
     held = Waiting(waiter, job_id, 30)
@@ -222,3 +222,37 @@ def test_a_wake_message_names_the_job_and_its_status() -> None:
     assert read_wake("abc") == ("abc", None)  # a bare job id (older workers)
     assert read_wake("batch:b1") == ("batch:b1", None)
     assert read_wake("not-a-status abc") == ("not-a-status abc", None)
+
+
+def test_a_step_is_published_with_its_status_and_an_end_as_the_bare_job_id(
+    client: redis.Redis, store: JobStore, waiters: Callable[..., JobWaiter]
+) -> None:
+    """The end stays the bare id, which API processes from before the status was sent
+    wake their waits on (a rolling upgrade with the workers first); and a job whose id reads
+    like ``<status> <id>`` is still woken at its end, its id being one waited for."""
+    channel = f"test-channel-{uuid.uuid4().hex}"
+    pubsub = client.pubsub()
+    pubsub.subscribe(channel)
+    confirmed = pubsub.get_message(timeout=5)  # subscribed before anything is published
+    assert confirmed is not None and confirmed["type"] == "subscribe"
+    job_id = new_job(store)
+    assert store.watch(job_id, channel, 30) is not None
+    claim = store.start(job_id, {}, {"started_at": "2026-12-01T00:00:00+00:00"})
+    assert store.finish(job_id, SUCCEEDED, token=claim.token) == 1
+    heard: list[str] = []
+    deadline = time.monotonic() + 5
+    while len(heard) < 2 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message is not None:
+            heard.append(message["data"])
+    pubsub.close()
+    assert heard == [f"running {job_id}", job_id]
+
+    waiter = waiters(recheck_seconds=600)  # no sweep during the test
+    odd = "running " + uuid.uuid4().hex
+    assert store.create(odd, {"program": "qa", "tenant": "t"})
+    held = Waiting(waiter, odd, 30)
+    poll(lambda: watched(client, waiter, odd) and waiter.listening.is_set())
+    assert store.finish(odd, SUCCEEDED) == 1
+    job = held.join()
+    assert job is not None and job["status"] == "succeeded" and held.seconds < 30

@@ -32,8 +32,8 @@ LEASE_PREFIX = "dspy_fleet:lease:"
 # expiry (worker/recovery.py looks).
 PENDING_KEY = "dspy_fleet:pending"
 # Who waits for a job: a set of pub/sub channels, one per API process holding a request for
-# it (JobStore.watch adds; each status change publishes ``<status> <job id>`` to each, and
-# the finish script then drops the set: see :func:`read_wake`).
+# it (JobStore.watch adds; each step publishes ``<status> <job id>`` to each, an end the bare
+# job id, and the finish script then drops the set: see :func:`read_wake`).
 WAKE_PREFIX = "dspy_fleet:wake:"
 # A batch's wake set: the channels of the API processes streaming its events; the scripts
 # that end its items publish ``batch:<id>`` on each (see _CALLBACK_DUE).
@@ -107,14 +107,19 @@ end
 
 # Append the job's current status to its event log (EVENTS_PREFIX): see the comment there,
 # with the record's fields ``names`` (the caller knows which belong to its status; no script
-# names a status itself: tests/test_owners.py). ``wake``: also publish ``<status> <job id>``
-# on the channel of each API process in the job's wake set, so its event streams read on at once
+# names a status itself: tests/test_owners.py). ``wake``: also publish on the channel of each
+# API process in the job's wake set, so its event streams read on at once: ``<status> <job id>``
+# for a step, the bare job id for an end (what API processes from before the status was sent
+# wake their waits on, in a rolling upgrade)
 # (the finish script publishes by itself, and then drops the set). Called after the record
 # was written, by every script that changes a job's status (here, in worker/recovery.py and
 # in dspy_fleet/store/leases.py). The list and wake keys are named from the job id (not in
 # KEYS), like _CALLBACK_DUE's.
 JOB_EVENT = (
     f"local EVENTS, WAKE, EVENTS_MAXLEN = '{EVENTS_PREFIX}', '{WAKE_PREFIX}', {EVENTS_MAXLEN}\n"
+    + "local EVENT_ENDS = {"
+    + ", ".join(f"{status} = true" for status in sorted(TERMINAL_STATUSES))
+    + "}\n"
     + """
 local function job_event(job_key, job_id, wake, names)
   local status = redis.call('HGET', job_key, 'status')
@@ -133,8 +138,9 @@ local function job_event(job_key, job_id, wake, names)
   local ttl = redis.call('TTL', job_key)
   if ttl > 0 then redis.call('EXPIRE', key, ttl) end
   if wake then
+    local message = EVENT_ENDS[status] and job_id or (status .. ' ' .. job_id)
     for _, channel in ipairs(redis.call('SMEMBERS', WAKE .. job_id)) do
-      redis.call('PUBLISH', channel, status .. ' ' .. job_id)
+      redis.call('PUBLISH', channel, message)
     end
   end
 end
@@ -260,8 +266,7 @@ stash_trace(KEYS[1], ARGV[2])
 job_event(KEYS[1], ARGV[2], false)
 local waiting = redis.call('SMEMBERS', KEYS[5])
 if #waiting > 0 then
-  local ended = redis.call('HGET', KEYS[1], 'status') .. ' ' .. ARGV[2]
-  for _, channel in ipairs(waiting) do redis.call('PUBLISH', channel, ended) end
+  for _, channel in ipairs(waiting) do redis.call('PUBLISH', channel, ARGV[2]) end
   redis.call('DEL', KEYS[5])
 end
 return 1
@@ -424,11 +429,14 @@ class LuaCall(NamedTuple):
 
 
 def read_wake(message: str) -> tuple[str, str | None]:
-    """What a wake notification names: ``(job id, its status)``, or ``(key, None)`` when the
-    status is not given (a batch's ``batch:<id>``, or a bare job id from a worker older
-    than this format, met in a rolling upgrade: the waiter then reads the job).
+    """What a wake notification names: ``(job id, its status)`` for a step
+    (``<status> <job id>``), or ``(key, None)``: a job's end (its bare id, which API
+    processes of every version wake their waits on; older workers sent it for steps too), or
+    a batch's ``batch:<id>``. The waiter reads the job after a wake without a status.
 
-    Statuses have no spaces; a job id may, so the first space splits."""
+    Statuses have no spaces; a job id may, so the first space splits. A bare job id that
+    itself reads as ``<status> <id>`` is told apart by the caller (api/waiter.py), which
+    first looks the whole message up among the ids it waits for."""
     status, sep, job_id = message.partition(" ")
     if sep and status in JOB_STATUSES:
         return job_id, status
@@ -577,9 +585,8 @@ class JobStore:
         return {"job_id": job_id, **decode(cast(dict[str, str], raw))} if raw else None
 
     def watch(self, job_id: str, channel: str, seconds: float) -> dict[str, Any] | None:
-        """:meth:`get`, and unless the job has ended, have its status changes and its end
-        published on ``channel`` (``<status> <job id>``, :func:`read_wake`), by whichever
-        writer makes them, for at least
+        """:meth:`get`, and unless the job has ended, have its steps and its end published
+        on ``channel`` (:func:`read_wake`), by whichever writer makes them, for at least
         ``seconds`` (plus WAKE_MARGIN_SECONDS). One round trip; atomic with the read, so an
         end is never missed between the two."""
         ttl = int(seconds) + 1 + WAKE_MARGIN_SECONDS
