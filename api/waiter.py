@@ -10,8 +10,8 @@ throttled, queued again) publish ``<status> <job id>`` without dropping the set,
 process's event streams (api/routes/events.py, :meth:`JobWaiter.notified`); a held
 ``wait`` sleeps through those (it only wants the end: no read, no wake-up per step). A
 worker from before the status was sent publishes the bare id for a step too: a held wait
-woken by it reads its job and waits on. No request polls Redis while it waits: under the gevent
-worker a held request costs a greenlet and its socket, under gthread a thread that
+woken by it reads its job and waits on. No request polls Redis while it waits: under the
+gevent worker a held request costs a greenlet and its socket, under gthread a thread that
 sleeps.
 
 Pub/sub is at-most-once: a message published while the subscriber reconnects is lost.

@@ -121,7 +121,7 @@ def carries_job_callbacks(lm: Any) -> bool:
 
 def _attach_job_callbacks(lm: Any) -> None:
     callbacks = getattr(lm, "callbacks", None)
-    if isinstance(callbacks, list) and not any(isinstance(c, LMCallbacks) for c in callbacks):
+    if isinstance(callbacks, list) and not carries_job_callbacks(lm):
         callbacks.append(LM_CALLBACKS)
 
 

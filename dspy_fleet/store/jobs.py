@@ -109,9 +109,9 @@ end
 # with the record's fields ``names`` (the caller knows which belong to its status; no script
 # names a status itself: tests/test_owners.py). ``wake``: also publish on the channel of each
 # API process in the job's wake set, so its event streams read on at once: ``<status> <job id>``
-# for a step, the bare job id for an end (what API processes from before the status was sent
-# wake their waits on, in a rolling upgrade)
-# (the finish script publishes by itself, and then drops the set). Called after the record
+# for a step, the bare job id for an end, which API processes from before the status was sent
+# wake their waits on in a rolling upgrade (the finish script publishes the bare id by itself,
+# and then drops the set). Called after the record
 # was written, by every script that changes a job's status (here, in worker/recovery.py and
 # in dspy_fleet/store/leases.py). The list and wake keys are named from the job id (not in
 # KEYS), like _CALLBACK_DUE's.
