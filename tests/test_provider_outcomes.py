@@ -225,15 +225,11 @@ programs:
     assert events == ["answer True", "parse"]
 
 
-@pytest.mark.parametrize("engine", ["litellm", "auto"])
-def test_a_job_s_callbacks_hear_every_lm_call_without_riding_on_every_module_call(
-    stub: StubProvider, tmp_path: Path, engine: str
-) -> None:
-    """The job's callbacks are heard through the dispatcher every LM carries
-    (worker/dspy_env.py, LMCallbacks), not from DSPy's settings, so DSPy does not run them
-    around every module and adapter call. They still hear every LM call: in DSPy's Parallel
-    threads, on a predictor's own LM, on an LM passed at call time; and a job whose LM lacks
-    the dispatcher falls back to DSPy's settings."""
+def _probe() -> Any:
+    """A ``question -> answer`` program that notes how many callbacks DSPy's settings hold
+    as it runs (``settings_callbacks``); it asks ``questions`` at once through DSPy's
+    Parallel, or hands its predictor ``call_lm`` at call time. (A function: dspy is imported
+    in the tests, after the worker's patches.)"""
     import dspy
 
     class Probe(dspy.Module):
@@ -254,6 +250,22 @@ def test_a_job_s_callbacks_hear_every_lm_call_without_riding_on_every_module_cal
                         for i in range(self.questions)]  # fmt: skip
             answers = self.predict.batch(examples, num_threads=self.questions)
             return dspy.Prediction(answer=" / ".join(a.answer for a in answers))
+
+    return Probe
+
+
+@pytest.mark.parametrize("engine", ["litellm", "auto"])
+def test_a_job_s_callbacks_hear_every_lm_call_without_riding_on_every_module_call(
+    stub: StubProvider, tmp_path: Path, engine: str
+) -> None:
+    """The job's callbacks are heard through the dispatcher every LM carries
+    (worker/dspy_env.py, LMCallbacks), not from DSPy's settings, so DSPy does not run them
+    around every module and adapter call. They still hear every LM call: in DSPy's Parallel
+    threads, on a predictor's own LM, on an LM passed at call time; and a job whose LM lacks
+    the dispatcher falls back to DSPy's settings."""
+    import dspy
+
+    Probe = _probe()
 
     def failing_lm() -> Any:  # not built by the fleet's ModelPool
         return dspy.LM("openai/stub", api_base=stub.base("fail"), api_key="unused",
@@ -292,18 +304,9 @@ def test_a_job_on_an_lm_without_the_dispatcher_is_heard_through_dspy_s_settings(
                  num_retries=0)  # fmt: skip
     lm.callbacks.clear()  # as an LM whose class skipped BaseLM.__init__ would be
     assert not carries_job_callbacks(lm)
-    seen: list[int] = []
-
-    class Probe(dspy.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.predict = dspy.Predict("question -> answer")
-
-        def forward(self, question: str) -> Any:
-            seen.append(len(dspy.settings.get("callbacks") or []))
-            return self.predict(question=question)
-
+    probe = _probe()()
     heard: list[tuple[bool, int]] = []
-    out = call_program(Probe(), lm, {"question": "q"}, {}, Usage(),
+    out = call_program(probe, lm, {"question": "q"}, {}, Usage(),
                        on_answer=lambda ok, n: heard.append((ok, n)))  # fmt: skip
-    assert out == {"answer": "forty-two"} and heard == [(True, 1)] and seen == [1]
+    assert out == {"answer": "forty-two"} and heard == [(True, 1)]
+    assert probe.settings_callbacks == [1]
